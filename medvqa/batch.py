@@ -1,0 +1,66 @@
+"""The rollout batch: what crosses from the rollout workers to the learner, defined once.
+
+Samples are laid out group by group: sample ``i`` answers prompt ``i // group_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from medvqa.record import MedVQARecord
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    records: list[MedVQARecord]  # one per prompt
+    group_size: int  # G completions per prompt
+    prompt_token_ids: list[list[int]]  # per prompt, as the engine saw it (image tokens expanded)
+    completion_token_ids: list[list[int]]  # per sample
+    completion_texts: list[str]  # per sample, decoded
+    sampling_logprobs: list[list[float]]  # per sample, per completion token, from the engine
+    rewards: dict[str, list[float]]  # reward name -> per-sample unweighted value
+    total_rewards: list[float]  # per sample, the weighted sum that drives the advantages
+    finish_reasons: list[str]  # per sample: "stop" (closed by EOS/stop) or "length" (truncated)
+    weight_version: int  # version of the policy weights that generated every sample
+
+    def __post_init__(self):
+        n = len(self.records) * self.group_size
+        per_sample = {
+            "completion_token_ids": self.completion_token_ids,
+            "completion_texts": self.completion_texts,
+            "sampling_logprobs": self.sampling_logprobs,
+            "total_rewards": self.total_rewards,
+            "finish_reasons": self.finish_reasons,
+            **{f"rewards[{k}]": v for k, v in self.rewards.items()},
+        }
+        for name, values in per_sample.items():
+            if len(values) != n:
+                raise ValueError(f"RolloutBatch.{name} has {len(values)} entries, expected {n} "
+                                 f"({len(self.records)} prompts x group {self.group_size})")
+        if len(self.prompt_token_ids) != len(self.records):
+            raise ValueError("RolloutBatch.prompt_token_ids needs one entry per prompt")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.records) * self.group_size
+
+    def record_of(self, sample: int) -> MedVQARecord:
+        return self.records[sample // self.group_size]
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Join the shards that several workers produced for one step (same group size and version)."""
+        first = batches[0]
+        if any(b.group_size != first.group_size for b in batches):
+            raise ValueError("cannot concatenate rollout batches with different group sizes")
+        versions = {b.weight_version for b in batches}
+        if len(versions) != 1:
+            raise ValueError(f"rollout shards come from different weight versions {sorted(versions)}")
+        cat = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
+        return RolloutBatch(
+            records=cat("records"), group_size=first.group_size,
+            prompt_token_ids=cat("prompt_token_ids"), completion_token_ids=cat("completion_token_ids"),
+            completion_texts=cat("completion_texts"), sampling_logprobs=cat("sampling_logprobs"),
+            rewards={k: [x for b in batches for x in b.rewards[k]] for k in first.rewards},
+            total_rewards=cat("total_rewards"), finish_reasons=cat("finish_reasons"),
+            weight_version=first.weight_version,
+        )
