@@ -36,6 +36,8 @@ class DataConfig:
     eval_modalities: list = field(default_factory=lambda: ["MRI", "CT", "X-ray"])  # held-out sets, one per modality
     num_train: Optional[int] = None  # seeded subset of N training records (the paper: 600); None = all
     num_eval_per_modality: int = 64  # held-out records per modality for evaluation
+    eval_path: Optional[str] = None  # separate evaluation data in the same format (else split off `path`)
+    test_fraction: float = 0.2  # share of images held out for evaluation when eval_path is not set
     question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only
     num_options: int = 4  # options per synthetic question (2-10)
     image_size: int = 56  # side of synthetic scans in pixels
@@ -238,6 +240,9 @@ def validate(cfg: Config) -> None:
     _check(lr.precision in ("fp32", "bf16", "fp16"), "learner.precision", f"must be fp32, bf16 or fp16, got {lr.precision!r}")
     _check(lr.lr_schedule in ("constant", "cosine", "linear"), "learner.lr_schedule", f"unknown schedule {lr.lr_schedule!r}")
     _check(lr.num_ranks >= 1, "learner.num_ranks", "must be at least 1")
+    _check(r.prompts_per_step % lr.num_ranks == 0, "rollout.prompts_per_step",
+           f"{r.prompts_per_step} prompts cannot be shared evenly by learner.num_ranks={lr.num_ranks}; "
+           "every rank must run the same number of micro-batches")
     _check(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be at least 1")
     _check(lr.mu >= 1, "learner.mu", "must be at least 1")
     _check(lr.sync_every >= 1, "learner.sync_every", "must be at least 1")
@@ -251,6 +256,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.source in ("synthetic", "jsonl", "omnimedvqa", "huatuo", "hf"), "data.source",
            f"unknown source {cfg.data.source!r}")
     _check(2 <= cfg.data.num_options <= 10, "data.num_options", "must be between 2 and 10")
+    _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(cfg.data.num_train is None or cfg.data.num_train >= 1, "data.num_train", "must be at least 1")
     _check(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")

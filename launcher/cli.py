@@ -1,0 +1,83 @@
+"""`medvlm-r1`: train, eval, report, make-tiny-model."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from launcher.config import ConfigError, load_config
+
+
+def _cmd_train(args) -> int:
+    from launcher.train_loop import print_summary, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_training(cfg)
+    print_summary(result)
+    return 0
+
+
+def _cmd_make_tiny_model(args) -> int:
+    from medvqa.tiny_model import build_tiny_model
+
+    out = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"tiny Qwen2-VL written to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from launcher.eval_cmd import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_eval(cfg, args.checkpoint, Path(args.out) if args.out else None)
+    for name, r in summary["results"].items():
+        print(f"{name:10s} n={r['n']:4d} accuracy={r['accuracy']:.3f} format={r['format_rate']:.3f} "
+              f"length={r['mean_length']:.1f}")
+    print(f"outputs in {summary['out_dir']}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from launcher.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medvlm-r1", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="GRPO training run: medvlm-r1 train CONFIG [key=value ...]")
+    t.add_argument("config", help="YAML config, e.g. configs/tiny_cpu.yaml")
+    t.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. learner.lr=5e-7)")
+    t.set_defaults(func=_cmd_train)
+    m = sub.add_parser("make-tiny-model", help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
+    m.add_argument("out_dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_make_tiny_model)
+    e = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the config's held-out sets")
+    e.add_argument("checkpoint", help="a saved policy, the tiny model folder, or a Hugging Face model path")
+    e.add_argument("--config", default=None, help="YAML config for data/rollout settings (default: built-ins)")
+    e.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
+    e.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    e.set_defaults(func=_cmd_eval)
+    r = sub.add_parser("report", help="Markdown and HTML report of a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"medvlm-r1: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Ray: join or start a cluster, place learner and rollout actors, wire their process groups."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+# Environment every actor of the run gets: vLLM's CPU KV budget, quiet tokenizers, offline hubs.
+def actor_env(cfg) -> dict:
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
+    }
+    if cfg.cluster.device == "cpu":
+        # Several actors share few cores; one OpenMP thread each avoids oversubscription stalls.
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cluster.cpus_per_actor)))
+    return env
+
+
+def start_ray(cfg) -> None:
+    """Join cfg.cluster.ray_address or RAY_ADDRESS when given, else start a local instance."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": actor_env(cfg)}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    needed = cfg.cluster.cpus_per_actor * (cfg.learner.num_ranks + cfg.rollout.num_workers) + 1
+    num_cpus = cfg.cluster.num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+@dataclasses.dataclass
+class Placement:
+    group: object
+    learner_bundles: list[int]
+    worker_bundles: list[int]
+
+    def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
+
+    def remove(self) -> None:
+        remove_placement_group(self.group)
+
+
+def place(cfg, timeout_s: float = 600) -> Placement:
+    """One bundle per learner rank, then one per rollout worker (disaggregated: no device is shared)."""
+    cpu = cfg.cluster.cpus_per_actor
+    gpu = cfg.cluster.device == "gpu"
+    learner = [{"CPU": cpu, **({"GPU": 1} if gpu else {})} for _ in range(cfg.learner.num_ranks)]
+    workers = [{"CPU": cpu, **({"GPU": cfg.rollout.tensor_parallel_size} if gpu else {})}
+               for _ in range(cfg.rollout.num_workers)]
+    group = placement_group(learner + workers, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        raise RuntimeError(f"Ray could not place {len(learner)} learner and {len(workers)} rollout bundles "
+                           f"({learner + workers}) within {timeout_s:.0f} s; cluster has {ray.cluster_resources()}")
+    n = len(learner)
+    return Placement(group, list(range(n)), list(range(n, n + len(workers))))
+
+
+@ray.remote(num_cpus=0)
+def _address_and_free_ports(count: int) -> tuple[str, list[int]]:
+    ports, socks = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ray.util.get_node_ip_address(), ports
+
+
+def rendezvous(placement: Placement, bundle: int, count: int) -> tuple[str, list[int]]:
+    """An address and free ports on the node that holds `bundle` (where rank 0 of a group will live)."""
+    return ray.get(_address_and_free_ports.options(scheduling_strategy=placement.strategy(bundle)).remote(count))
+
+
+def start_learners(cfg, placement: Placement, model_path: str) -> list:
+    from learner.actor import LearnerRank
+
+    addr, (port,) = rendezvous(placement, placement.learner_bundles[0], 1)
+    port = cfg.cluster.master_port or port
+    gpu = 1 if cfg.cluster.device == "gpu" else 0
+    cls = ray.remote(LearnerRank)
+    world = cfg.learner.num_ranks
+    return [
+        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu, max_concurrency=1,
+                    scheduling_strategy=placement.strategy(b), name=None)
+        .remote(cfg, model_path, rank, world, addr, port)
+        for rank, b in enumerate(placement.learner_bundles)
+    ]
+
+
+def start_workers(cfg, placement: Placement, model_path: str) -> list:
+    from rollout_workers.worker import RolloutWorker
+
+    gpu = cfg.rollout.tensor_parallel_size if cfg.cluster.device == "gpu" else 0
+    cls = ray.remote(RolloutWorker)
+    return [
+        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu, scheduling_strategy=placement.strategy(b))
+        .remote(cfg, model_path, i)
+        for i, b in enumerate(placement.worker_bundles)
+    ]
+
+
+def sync_backend(cfg) -> str:
+    if cfg.cluster.sync_backend != "auto":
+        return cfg.cluster.sync_backend
+    return "nccl" if cfg.cluster.device == "gpu" else "gloo"

@@ -1,0 +1,145 @@
+"""The single controller: draw prompts, generate and score, train, sync weights, log. Owns no model tensor."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import ray
+
+from launcher import cluster
+from launcher.config import Config
+from medvqa.batch import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Actors:
+    learners: list
+    workers: list
+    placement: cluster.Placement
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.logging.run_dir:
+        run_dir = Path(cfg.logging.run_dir)
+    else:
+        run_dir = Path("runs") / f"{cfg.logging.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+
+def prepare_model(cfg: Config) -> str:
+    """The policy's starting checkpoint; the tiny model is built on the fly when asked for and absent."""
+    path = Path(cfg.model.path)
+    if path.exists() or "/" not in cfg.model.path and not cfg.model.build_tiny_if_missing:
+        return str(path) if path.exists() else cfg.model.path
+    if cfg.model.build_tiny_if_missing:
+        from medvqa.tiny_model import build_tiny_model
+
+        log.info("building the tiny Qwen2-VL at %s", path)
+        return build_tiny_model(str(path), seed=cfg.model.tiny_seed)
+    return cfg.model.path  # a hub id, resolved by transformers and vLLM on the cluster
+
+
+def format_warmup(cfg: Config, model_path: str, records, run_dir: Path) -> str:
+    """Supervised warm-up on the answer format only, in a Ray task so the driver stays tensor-free."""
+    from learner.format_warmup import warmup_format
+
+    out = run_dir / "warmup"
+    task = ray.remote(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=1 if cfg.cluster.device == "gpu" else 0)(
+        warmup_format)
+    log.info("format warm-up: %d steps at lr %g", cfg.train.format_warmup_steps, cfg.train.format_warmup_lr)
+    return ray.get(task.remote(model_path, str(out), records, cfg.train.format_warmup_steps,
+                               cfg.train.format_warmup_lr, cfg.train.seed, cfg.model.min_pixels,
+                               cfg.model.max_pixels))
+
+
+def start_actors(cfg: Config, model_path: str) -> Actors:
+    placement = cluster.place(cfg)
+    learners = cluster.start_learners(cfg, placement, model_path)
+    workers = cluster.start_workers(cfg, placement, model_path)
+    world = 1 + cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
+    addr, (port,) = cluster.rendezvous(placement, placement.learner_bundles[0], 1)
+    backend = cluster.sync_backend(cfg)
+    joins = [lr.init_weight_sync.remote(addr, port, world, backend) for lr in learners]
+    joins += [w.init_weight_sync.remote(addr, port, 1 + i * cfg.rollout.tensor_parallel_size, world, backend)
+              for i, w in enumerate(workers)]
+    ray.get(joins)
+    return Actors(learners, workers, placement)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous shards whose sizes differ by at most one."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def generate(actors: Actors, records: list, seed: int) -> RolloutBatch:
+    shards = [s for s in split_evenly(records, len(actors.workers))]
+    futures = [w.generate.remote(shard, seed + i) for i, (w, shard) in enumerate(zip(actors.workers, shards)) if shard]
+    return RolloutBatch.concat(ray.get(futures))
+
+
+def shard_for_rank(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
+    """Whole groups per rank (prompts rank::world) so each rank computes its own group advantages."""
+    g = batch.group_size
+    prompts = list(range(rank, len(batch.records), world))
+    samples = [p * g + j for p in prompts for j in range(g)]
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    return RolloutBatch(
+        records=pick(batch.records, prompts), group_size=g,
+        prompt_token_ids=pick(batch.prompt_token_ids, prompts),
+        completion_token_ids=pick(batch.completion_token_ids, samples),
+        completion_texts=pick(batch.completion_texts, samples),
+        sampling_logprobs=pick(batch.sampling_logprobs, samples),
+        rewards={k: pick(v, samples) for k, v in batch.rewards.items()},
+        total_rewards=pick(batch.total_rewards, samples), finish_reasons=pick(batch.finish_reasons, samples),
+        weight_version=batch.weight_version,
+    )
+
+
+def train(actors: Actors, batch: RolloutBatch) -> dict:
+    world = len(actors.learners)
+    stats = ray.get([lr.train_on.remote(shard_for_rank(batch, r, world)) for r, lr in enumerate(actors.learners)])
+    # Ranks report their own shard's numbers; the step's value is their mean.
+    return {k: sum(s[k] for s in stats) / world for k in stats[0]}
+
+
+def sync_weights(actors: Actors, version: int) -> None:
+    meta = ray.get(actors.learners[0].weight_update_meta.remote())
+    ray.get([lr.push_weights.remote(version) for lr in actors.learners]
+            + [w.receive_weights.remote(version, meta) for w in actors.workers])
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict:
+    n = batch.num_samples
+    lengths = [len(c) for c in batch.completion_token_ids]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {f"reward/{k}": mean(v) for k, v in batch.rewards.items()}
+    out["reward/total"] = mean(batch.total_rewards)
+    out["response_length/mean"] = mean(lengths)
+    out["response_length/max"] = max(lengths)
+    out["response_length/truncated_fraction"] = sum(f == "length" for f in batch.finish_reasons) / n
+    groups = [batch.total_rewards[i:i + batch.group_size] for i in range(0, n, batch.group_size)]
+    out["reward/zero_std_group_fraction"] = sum(max(g) == min(g) for g in groups) / len(groups)
+    return out
+
+
+def sample_rows(batch: RolloutBatch, count: int) -> list[dict]:
+    from medvqa.prompt import question_text
+
+    rows = []
+    for i in range(min(count, batch.num_samples)):
+        rec = batch.record_of(i)
+        rows.append({"image": rec.load_image(), "prompt": question_text(rec), "completion": batch.completion_texts[i],
+                     "reward/total": batch.total_rewards[i], "answer": rec.answer, "modality": rec.modality,
+                     "record_id": rec.id, **{f"reward/{k}": v[i] for k, v in batch.rewards.items()}})
+    return rows

@@ -1,0 +1,37 @@
+"""`medvlm-r1 eval CHECKPOINT`: greedy decoding with vLLM over the config's evaluation sets."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import ray
+
+from launcher import cluster
+from launcher.config import Config
+from launcher.data import build_datasets
+from launcher.evaluate import evaluate_sets, write_outputs
+
+
+def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=checkpoint))
+    if not Path(checkpoint).exists() and Path(checkpoint).is_absolute():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
+    out_dir = out_dir or Path(checkpoint) / "eval"
+    _, eval_sets = build_datasets(cfg.data)
+    cluster.start_ray(cfg)
+    from rollout_workers.worker import RolloutWorker
+
+    gpu = cfg.rollout.tensor_parallel_size if cfg.cluster.device == "gpu" else 0
+    cls = ray.remote(RolloutWorker).options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu)
+    workers = [cls.remote(cfg, checkpoint, i) for i in range(cfg.rollout.num_workers)]
+    try:
+        t0 = time.perf_counter()
+        results, rows = evaluate_sets(workers, eval_sets, cfg.rollout.max_new_tokens)
+        meta = {"checkpoint": checkpoint, "decoding": "greedy", "max_new_tokens": cfg.rollout.max_new_tokens,
+                "seconds": time.perf_counter() - t0}
+        write_outputs(out_dir, results, rows, meta)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    return {"results": results, "out_dir": str(out_dir)}

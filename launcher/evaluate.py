@@ -1,0 +1,68 @@
+"""Greedy evaluation on held-out sets: per-record rows, accuracy per set, format compliance, length."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+
+from medvqa.record import MedVQARecord
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def greedy_completions(workers: list, records: list[MedVQARecord], max_new_tokens: int) -> list:
+    """(text, num_tokens, finish_reason) per record, the records spread over the workers."""
+    shards = _split(list(range(len(records))), len(workers))
+    futures = [w.generate_greedy.remote([records[i] for i in idx], max_new_tokens)
+               for w, idx in zip(workers, shards) if idx]
+    out = [None] * len(records)
+    for idx, results in zip([s for s in shards if s], ray.get(futures)):
+        for i, res in zip(idx, results):
+            out[i] = res
+    return out
+
+
+def score_record(record: MedVQARecord, text: str, num_tokens: int, finish_reason: str) -> dict:
+    """One output row; the answer is extracted exactly as the accuracy reward does."""
+    from medvqa.prompt import question_text
+    from rewards import extract_answer, format_reward
+
+    chosen = extract_answer(text, record.options)
+    return {"id": record.id, "set": record.modality, "source": record.source, "prompt": question_text(record),
+            "completion": text, "extracted": chosen, "answer": record.answer, "correct": chosen == record.answer,
+            "format_ok": format_reward(text) == 1.0, "num_tokens": num_tokens, "finish_reason": finish_reason}
+
+
+def summarize_rows(rows: list[dict]) -> dict:
+    n = len(rows)
+    return {"n": n, "accuracy": sum(r["correct"] for r in rows) / n,
+            "format_rate": sum(r["format_ok"] for r in rows) / n,
+            "mean_length": sum(r["num_tokens"] for r in rows) / n}
+
+
+def evaluate_sets(workers: list, eval_sets: dict, max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """({set name: summary}, rows); also an "overall" summary pooling every set, as the paper reports."""
+    results, all_rows = {}, []
+    for name, records in eval_sets.items():
+        outputs = greedy_completions(workers, records, max_new_tokens)
+        rows = [dict(score_record(r, *o), set=name) for r, o in zip(records, outputs)]
+        results[name] = summarize_rows(rows)
+        all_rows += rows
+    if len(eval_sets) > 1:
+        results["overall"] = summarize_rows(all_rows)
+    return results, all_rows
+
+
+def eval_metrics(results: dict) -> dict:
+    return {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k != "n"}
+
+
+def write_outputs(out_dir: Path, results: dict, rows: list[dict], meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "results": results}, indent=2))

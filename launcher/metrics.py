@@ -1,0 +1,100 @@
+"""Where a run's numbers go: metrics.jsonl, W&B (offline without an API key), a tqdm bar."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+# Every step row carries at least these keys (the README and the tests rely on them).
+STEP_KEYS = (
+    "step", "reward/total", "reward/format", "reward/accuracy", "loss", "kl", "entropy",
+    "response_length/mean", "clip_fraction", "grad_norm", "lr", "weight_version",
+    "time/generate_s", "time/train_s", "time/sync_s", "time/step_s", "throughput/tokens_per_s",
+)
+
+
+def _clean(value):
+    """JSON has no NaN/inf; write them as null so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsSink:
+    """One object per run: append a row per step, mirror it to W&B, draw the progress bar."""
+
+    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int):
+        self.run_dir = Path(run_dir)
+        self.cfg = logging_cfg
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._wandb = self._start_wandb(config_dict) if logging_cfg.wandb else None
+        self._bar = None
+        if logging_cfg.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def _start_wandb(self, config_dict: dict):
+        import wandb
+
+        # Offline unless the user has credentials: runs on an air-gapped node can be synced later.
+        if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+            os.environ["WANDB_MODE"] = "offline"
+        return wandb.init(
+            project=self.cfg.wandb_project, name=self.run_dir.name, group=self.cfg.wandb_group,
+            tags=list(self.cfg.tags), config=config_dict, dir=str(self.run_dir), reinit="finish_previous",
+        )
+
+    def log_step(self, row: dict) -> None:
+        missing = [k for k in STEP_KEYS if k not in row]
+        if missing:
+            raise KeyError(f"metrics row for step {row.get('step')} lacks {missing}")
+        self.log_row(row)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({"reward": f"{row['reward/total']:.3f}",
+                                   "acc": f"{row['reward/accuracy']:.3f}"}, refresh=False)
+
+    def log_row(self, row: dict) -> None:
+        """Any row with a `step` (step metrics or evaluation results) goes to both sinks."""
+        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """A table of sample completions: image, prompt, completion, rewards, ground truth."""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **{k: v for k, v in s.items() if k != "image"}}) + "\n")
+        if self._wandb is None:
+            return
+        import wandb
+
+        columns = ["step", "image", "prompt", "completion", "reward/total", "reward/format",
+                   "reward/accuracy", "answer", "modality"]
+        table = wandb.Table(columns=columns)
+        for s in samples:
+            table.add_data(step, wandb.Image(s["image"]), s["prompt"], s["completion"], s["reward/total"],
+                           s.get("reward/format"), s.get("reward/accuracy"), s["answer"], s["modality"])
+        self._wandb.log({"samples": table}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self._wandb is not None:
+            for k, v in values.items():
+                self._wandb.summary[k] = v
+
+    def close(self) -> Optional[str]:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        wandb_dir = None
+        if self._wandb is not None:
+            wandb_dir = self._wandb.dir
+            self._wandb.finish()
+        return wandb_dir
