@@ -175,7 +175,8 @@ def _merge(base, overlay: dict, where: str):
         return OmegaConf.merge(base, overlay)
     except (ValidationError, ConfigKeyError) as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}' ({where}): {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        reason = str(getattr(exc, "msg", exc)).splitlines()[0]
+        raise ConfigError(f"config key '{key}' ({where}): {reason}") from None
 
 
 def _parse_overrides(overrides: list[str]) -> dict:

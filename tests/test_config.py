@@ -1,0 +1,77 @@
+"""Config: YAML + key=value overrides, typed, with errors that name the key."""
+import pytest
+
+from launcher.config import Config, ConfigError, load_config
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  group_size: 6\nlearner:\n  lr: 2.0e-5\n")
+    cfg = load_config(str(f), ["learner.lr=3e-6", "grpo.beta=0", "logging.tags=[a,b]", "rewards.weights={format: 0.5, accuracy: 2}"])
+    assert isinstance(cfg, Config)
+    assert cfg.rollout.group_size == 6  # from the file
+    assert cfg.learner.lr == pytest.approx(3e-6)  # the command line wins over the file
+    assert cfg.grpo.beta == 0.0 and isinstance(cfg.grpo.beta, float)
+    assert cfg.logging.tags == ["a", "b"]
+    assert cfg.rewards.weights == {"format": 0.5, "accuracy": 2}
+    assert cfg.rollout.temperature == 1.0  # untouched default
+
+
+@pytest.mark.parametrize("override, names, hint", [
+    ("rollout.group_sise=8", "rollout.group_sise", "rollout.group_size"),
+    ("lerner.lr=1e-6", "lerner", "learner"),
+    ("grpo.bta=0.1", "grpo.bta", "grpo.beta"),
+    ("learner.zero_stag=3", "learner.zero_stag", "learner.zero_stage"),
+])
+def test_unknown_key_names_it_and_the_closest(override, names, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert f"'{names}'" in msg and f"did you mean '{hint}'" in msg
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rollout:\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"rollout.temprature.*bad.yaml.*rollout.temperature"):
+        load_config(str(f))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("learner.lr=-1e-6", "learner.lr"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("learner.precision=fp8", "learner.precision"),
+    ("grpo.loss_agg=sum", "grpo.loss_agg"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.group_size=abc", "rollout.group_size"),
+    ("data.source=dicom", "data.source"),
+])
+def test_impossible_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, [override])
+
+
+def test_uneven_prompt_split_over_ranks_is_rejected():
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step"):
+        load_config(None, ["rollout.prompts_per_step=5", "learner.num_ranks=2"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["learner.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+
+
+@pytest.mark.parametrize("path", ["configs/tiny_cpu.yaml", "configs/medvlm_r1_2b.yaml"])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.rollout.group_size >= 2
+
+
+def test_paper_config_carries_the_published_recipe():
+    cfg = load_config("configs/medvlm_r1_2b.yaml")
+    assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.model.max_pixels) == (4, 512, 401408)
+    assert (cfg.learner.zero_stage, cfg.learner.lr, cfg.grpo.beta, cfg.grpo.eps) == (3, 1e-6, 0.04, 1e-4)
+    assert cfg.data.num_train == 600 and cfg.data.train_modalities == ["MRI"]
