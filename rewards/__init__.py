@@ -1,0 +1,28 @@
+"""Rule rewards (format, accuracy) and the registry that combines them with config weights.
+
+Importing the package registers the built-in rewards, so `score` and `REWARD_FUNCTIONS`
+always know them.
+"""
+from rewards.registry import (
+    REWARD_FUNCTIONS,
+    RewardFn,
+    UnknownRewardError,
+    check_weights,
+    get_reward,
+    register_reward,
+    score,
+)
+from rewards.rules import accuracy_reward, extract_answer, format_reward
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "RewardFn",
+    "UnknownRewardError",
+    "accuracy_reward",
+    "check_weights",
+    "extract_answer",
+    "format_reward",
+    "get_reward",
+    "register_reward",
+    "score",
+]
