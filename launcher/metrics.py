@@ -69,9 +69,14 @@ class MetricsSink:
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         """A table of sample completions: image, prompt, completion, rewards, ground truth."""
+        image_dir = self.run_dir / "samples"
+        image_dir.mkdir(exist_ok=True)
         with open(self.run_dir / "samples.jsonl", "a") as f:
-            for s in samples:
-                f.write(json.dumps({"step": step, **{k: v for k, v in s.items() if k != "image"}}) + "\n")
+            for i, s in enumerate(samples):
+                image_path = image_dir / f"step{step:06d}_{i}.png"
+                s["image"].save(image_path)
+                row = {k: v for k, v in s.items() if k != "image"}
+                f.write(json.dumps({"step": step, "image_file": str(image_path.relative_to(self.run_dir)), **row}) + "\n")
         if self._wandb is None:
             return
         import wandb

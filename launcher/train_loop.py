@@ -12,7 +12,7 @@ import ray
 from launcher import cluster, driver
 from launcher.config import Config, to_yaml
 from launcher.data import PromptSampler, build_datasets
-from launcher.evaluate import evaluate_sets, eval_metrics
+from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
 from launcher.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int, version: int):
 
 def _evaluate(cfg: Config, actors, sink: MetricsSink, eval_sets: dict, step: int) -> dict:
     t0 = time.perf_counter()
-    results, _ = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens)
+    results, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens)
+    write_outputs(sink.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
     row = {"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0}
     sink.log_row(row)
     return results
