@@ -82,10 +82,26 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
+class ActorDiedError(RuntimeError):
+    """An actor of the run died mid-step; the message names which one and what the step was doing."""
+
+
+def gather(futures: list, names: list[str], doing: str) -> list:
+    """ray.get that says which actor failed instead of a bare Ray traceback."""
+    results = []
+    for fut, name in zip(futures, names):
+        try:
+            results.append(ray.get(fut))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+            raise ActorDiedError(f"{name} died while {doing}: {exc}") from exc
+    return results
+
+
 def generate(actors: Actors, records: list, seed: int) -> RolloutBatch:
-    shards = [s for s in split_evenly(records, len(actors.workers))]
-    futures = [w.generate.remote(shard, seed + i) for i, (w, shard) in enumerate(zip(actors.workers, shards)) if shard]
-    return RolloutBatch.concat(ray.get(futures))
+    shards = split_evenly(records, len(actors.workers))
+    live = [(i, w, s) for i, (w, s) in enumerate(zip(actors.workers, shards)) if s]
+    futures = [w.generate.remote(s, seed + i) for i, w, s in live]
+    return RolloutBatch.concat(gather(futures, [f"rollout worker {i}" for i, _, _ in live], "generating"))
 
 
 def shard_for_rank(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
@@ -108,15 +124,19 @@ def shard_for_rank(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
 
 def train(actors: Actors, batch: RolloutBatch) -> dict:
     world = len(actors.learners)
-    stats = ray.get([lr.train_on.remote(shard_for_rank(batch, r, world)) for r, lr in enumerate(actors.learners)])
+    futures = [lr.train_on.remote(shard_for_rank(batch, r, world)) for r, lr in enumerate(actors.learners)]
+    stats = gather(futures, [f"learner rank {r}" for r in range(world)], "training")
     # Ranks report their own shard's numbers; the step's value is their mean.
     return {k: sum(s[k] for s in stats) / world for k in stats[0]}
 
 
 def sync_weights(actors: Actors, version: int) -> None:
     meta = ray.get(actors.learners[0].weight_update_meta.remote())
-    ray.get([lr.push_weights.remote(version) for lr in actors.learners]
-            + [w.receive_weights.remote(version, meta) for w in actors.workers])
+    futures = [lr.push_weights.remote(version) for lr in actors.learners]
+    futures += [w.receive_weights.remote(version, meta) for w in actors.workers]
+    names = [f"learner rank {r}" for r in range(len(actors.learners))]
+    names += [f"rollout worker {i}" for i in range(len(actors.workers))]
+    gather(futures, names, f"syncing weights (version {version})")
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict:
@@ -143,3 +163,14 @@ def sample_rows(batch: RolloutBatch, count: int) -> list[dict]:
                      "reward/total": batch.total_rewards[i], "answer": rec.answer, "modality": rec.modality,
                      "record_id": rec.id, **{f"reward/{k}": v[i] for k, v in batch.rewards.items()}})
     return rows
+
+
+def stop_actors(actors: Actors) -> None:
+    for w in actors.workers:
+        try:
+            ray.get(w.shutdown.remote(), timeout=60)
+        except Exception as exc:  # a worker that already died must not hide the run's own error
+            log.warning("rollout worker shutdown failed: %s", exc)
+    for a in actors.learners + actors.workers:
+        ray.kill(a)
+    actors.placement.remove()

@@ -46,24 +46,13 @@ def run_training(cfg: Config) -> RunResult:
         return RunResult(run_dir, final_dir, summary)
     finally:
         sink.close()
-        _stop(actors)
+        driver.stop_actors(actors)
 
 
 def _plain(cfg: Config) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
-def _stop(actors: driver.Actors) -> None:
-    for w in actors.workers:
-        try:
-            ray.get(w.shutdown.remote(), timeout=60)
-        except Exception as exc:  # a worker that already died must not hide the run's own error
-            log.warning("rollout worker shutdown failed: %s", exc)
-    for a in actors.learners + actors.workers:
-        ray.kill(a)
-    actors.placement.remove()
 
 
 def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> dict:
