@@ -87,14 +87,18 @@ class ActorDiedError(RuntimeError):
 
 
 def gather(futures: list, names: list[str], doing: str) -> list:
-    """ray.get that says which actor failed instead of a bare Ray traceback."""
-    results = []
-    for fut, name in zip(futures, names):
-        try:
-            results.append(ray.get(fut))
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
-            raise ActorDiedError(f"{name} died while {doing}: {exc}") from exc
-    return results
+    """ray.get in completion order, so a dead actor is reported at once (its peers may be blocked in a
+    collective waiting for it) and by name instead of a bare Ray traceback."""
+    pending, results = dict(zip(futures, names)), {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for fut in done:
+            name = pending.pop(fut)
+            try:
+                results[fut] = ray.get(fut)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+                raise ActorDiedError(f"{name} died while {doing}: {exc}") from exc
+    return [results[f] for f in futures]
 
 
 def generate(actors: Actors, records: list, seed: int) -> RolloutBatch:
