@@ -37,10 +37,9 @@ def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
     """Bound the image area the processor resizes to; both are in pixels, as in the config."""
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
-    ip = processor.image_processor
-    ip.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
-    # Older processors read these attributes rather than `size`; keep both in step.
-    ip.min_pixels, ip.max_pixels = int(min_pixels), int(max_pixels)
+    # transformers 5 reads the bounds from `size` only; the old min_pixels/max_pixels attributes
+    # would be passed on as deprecated call arguments.
+    processor.image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
 
 
 def load_processor(model_path: str, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
@@ -51,12 +50,18 @@ def load_processor(model_path: str, min_pixels: Optional[int] = None, max_pixels
         processor = AutoProcessor.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot load a processor from {model_path}: {exc}") from exc
-    if min_pixels is not None or max_pixels is not None:
-        size = processor.image_processor.size
-        lo = min_pixels if min_pixels is not None else size["shortest_edge"]
-        hi = max_pixels if max_pixels is not None else size["longest_edge"]
-        set_pixel_bounds(processor, lo, hi)
+    _update_pixel_bounds(processor, min_pixels, max_pixels)
     return processor
+
+
+def _update_pixel_bounds(processor, min_pixels: Optional[int], max_pixels: Optional[int]) -> None:
+    """Set whichever bound is given, keeping the processor's current value for the other."""
+    if min_pixels is None and max_pixels is None:
+        return
+    size = processor.image_processor.size
+    lo = min_pixels if min_pixels is not None else size["shortest_edge"]
+    hi = max_pixels if max_pixels is not None else size["longest_edge"]
+    set_pixel_bounds(processor, lo, hi)
 
 
 def processor_inputs(records: Sequence[MedVQARecord], processor, min_pixels: Optional[int] = None,
@@ -68,8 +73,7 @@ def processor_inputs(records: Sequence[MedVQARecord], processor, min_pixels: Opt
     """
     if not records:
         raise ValueError("processor_inputs needs at least one record")
-    if min_pixels is not None and max_pixels is not None:
-        set_pixel_bounds(processor, min_pixels, max_pixels)
+    _update_pixel_bounds(processor, min_pixels, max_pixels)
     texts = [render_prompt(r, processor) for r in records]
     images = [r.load_image() for r in records]
     tok = processor.tokenizer

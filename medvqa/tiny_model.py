@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from medvqa.prompt import INSTRUCTION
+from medvqa.synthetic import COUNT_VALUES, GRID3, HALVES, QUADRANTS, QUESTION_TYPES, question_for
 
 # Qwen2-VL's special tokens in the order (and so the relative ids) of the real tokenizer.
 QWEN2_VL_SPECIAL_TOKENS = (
@@ -45,8 +46,6 @@ CHAT_TEMPLATE = (
 # Words the tokenizer should know whole: the synthetic task, then common medical-VQA words so that
 # public data sets also tokenise tolerably.
 _TASK_WORDS = (
-    "Where is the lesion in this scan? How many lesions are visible in this scan? "
-    "Which side of the image is brighter? Which part of the image is brightest? Which region holds the lesion? "
     "left right upper lower top bottom middle center centre side half quadrant region part "
     "upper left, upper right, lower left, lower right, middle left, middle right, upper center, lower center "
     "none one two three four five six seven eight nine ten "
@@ -66,10 +65,13 @@ _COMPLETIONS = (
 
 def tokenizer_corpus() -> list[str]:
     """The text the BPE is trained on; repeated lines make their frequent words single tokens."""
-    letters = [f"{c}) " for c in "ABCDEFGHIJ"] + [f"<answer>{c}</answer>" for c in "ABCDEFGHIJ"]
+    letters = [f"<answer>{c}</answer>" for c in "ABCDEFGHIJ"]
     digits = [" ".join(str(i) for i in range(100))]
     chat = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n"]
-    lines = [INSTRUCTION] * 20 + [_TASK_WORDS] * 10 + list(_COMPLETIONS) * 5 + letters * 5 + digits + chat * 5
+    questions = [question_for(t, layout) for t in QUESTION_TYPES for layout in (HALVES, QUADRANTS, GRID3)]
+    options = [f"{c}) {v}" for c, v in zip("ABCDEFGHIJ" * 2, GRID3.names + COUNT_VALUES)]
+    lines = ([INSTRUCTION] * 20 + questions * 10 + options * 10 + [_TASK_WORDS] * 10
+             + list(_COMPLETIONS) * 5 + letters * 5 + digits + chat * 5)
     # Added tokens never reach the BPE model, so merges learnt on their pieces would be wasted.
     for tok in QWEN2_VL_SPECIAL_TOKENS + REASONING_TOKENS:
         lines = [line.replace(tok, " ") for line in lines]
