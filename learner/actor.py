@@ -1,0 +1,202 @@
+"""One learner rank: the policy under DeepSpeed ZeRO, trained by GRPO on rollout batches.
+
+A plain class; the driver wraps it with `ray.remote`, one actor per rank. Ranks form their own
+torch.distributed group (DeepSpeed's), separate from the group that carries weights to the
+rollout workers, which only rank 0 joins.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from learner import ds_config, zero_params
+from learner.model_inputs import collate_samples, encode_prompts
+from learner.policy import PolicyModule, batch_kwargs
+from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
+from medvqa.batch import RolloutBatch
+from medvqa.record import MedVQARecord
+
+# Files of a checkpoint folder that belong to the model itself; the rest (tokenizer, processor,
+# chat template) are copied as they are when the policy is saved.
+_MODEL_FILES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def _init_process_group(cfg, rank: int, world_size: int, master_addr: str, master_port: int) -> str:
+    """The ranks' own group. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0 on GPU."""
+    import deepspeed
+
+    gpu = cfg.cluster.device == "gpu"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if gpu else str(rank),
+                      LOCAL_WORLD_SIZE="1" if gpu else str(world_size),
+                      MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
+    backend = "nccl" if gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               rank=rank, world_size=world_size)
+    return backend
+
+
+def _load_hf_model(model_path: str, dtype: torch.dtype):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    try:
+        return Qwen2VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load a Qwen2-VL model from {model_path}: {exc}") from exc
+
+
+class LearnerRank:
+    def __init__(self, cfg, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+        import deepspeed
+        from medvqa.prompt import load_processor
+
+        torch.manual_seed(cfg.train.seed)
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.backend = _init_process_group(cfg, rank, world_size, master_addr, master_port)
+        self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+        dtype = ds_config.DTYPES[cfg.learner.precision]
+        hf = _load_hf_model(model_path, dtype)
+        hf.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.freeze_vision:
+            hf.model.visual.requires_grad_(False)
+        self.param_names = zero_params.checkpoint_names(hf)
+        optimizer = ds_config.make_optimizer(hf.parameters(), cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=PolicyModule(hf), optimizer=optimizer, lr_scheduler=ds_config.make_scheduler(optimizer, cfg),
+            config=ds_config.deepspeed_config(cfg, world_size))
+        self.device = self.engine.device
+        self.reference = self._make_reference(model_path, dtype) if cfg.grpo.beta > 0 else None
+        self.weight_sender = None
+        self._update_meta = None
+        self.steps_done = 0
+
+    def _make_reference(self, model_path: str, dtype: torch.dtype):
+        """The frozen reference for the KL term.
+
+        Under ZeRO-3 it is an optimiser-less ZeRO-3 engine, partitioned across the ranks like the
+        policy; otherwise a whole copy per rank. Its vision tower is dropped from the passes when
+        the policy's is frozen too (then both are the same weights and the features are shared).
+        """
+        import deepspeed
+
+        ref = PolicyModule(_load_hf_model(model_path, dtype)).eval().requires_grad_(False)
+        if self.cfg.learner.zero_stage == 3:
+            engine, *_ = deepspeed.initialize(model=ref, config=ds_config.reference_config(self.cfg))
+            engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+            return engine
+        return ref.to(self.device)
+
+    @property
+    def hf_model(self):
+        return self.engine.module.hf
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    def train_on(self, batch: RolloutBatch) -> dict[str, float]:
+        """One rollout shard (whole groups): learner.mu optimiser steps, each over all micro-batches."""
+        t0 = time.perf_counter()
+        plan = self._plan(batch)
+        metrics = run_train_step(self.engine, self.reference, plan, self.cfg, self.world_size)
+        self.steps_done += self.cfg.learner.mu
+        metrics["time/learner_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _plan(self, batch: RolloutBatch) -> StepPlan:
+        if batch.num_samples == 0:
+            raise ValueError("train_on got an empty rollout shard")
+        prompts = encode_prompts(batch.records, batch.prompt_token_ids, self.processor)
+        size, g = self.cfg.learner.micro_batch_size, batch.group_size
+        pad = self.processor.tokenizer.pad_token_id or 0
+        chunks = [list(range(s, min(s + size, batch.num_samples))) for s in range(0, batch.num_samples, size)]
+        micro = [collate_samples(prompts, [i // g for i in idx], [batch.completion_token_ids[i] for i in idx],
+                                 pad, prompt_keys=range(len(prompts))) for idx in chunks]
+        return StepPlan(batch=batch, prompts=prompts, micro_batches=micro, sample_indices=chunks,
+                        device=self.device, freeze_vision=self.cfg.model.freeze_vision)
+
+    def completion_logprobs(self, record: MedVQARecord, prompt_token_ids: list[int],
+                            completion_token_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Log-probs of one completion's tokens under the current policy (every rank must call it
+        under ZeRO-3). Temperature 1 gives the raw distribution, as the engine reports by default."""
+        prompts = encode_prompts([record], [prompt_token_ids], self.processor)
+        batch = collate_samples(prompts, [0], [completion_token_ids], self.processor.tokenizer.pad_token_id or 0)
+        return completion_logprobs_of(self.engine, batch, self.device, temperature)[0]
+
+    # ---- weights out ------------------------------------------------------------------------------
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF checkpoint name, whole tensor) per parameter; under ZeRO-3 all ranks must iterate it
+        together, and a tensor is valid only until the next one is asked for."""
+        return zero_params.full_named_parameters(self.hf_model, self.param_names)
+
+    def weights_checksum(self) -> float:
+        """A fingerprint of the weights (a collective under ZeRO-3); it moves with any update."""
+        return zero_params.weights_checksum(self.hf_model)
+
+    def save(self, out_dir: str) -> str:
+        """The policy in Hugging Face format with the starting checkpoint's processor files.
+        Every rank must call it; rank 0 writes."""
+        state = zero_params.full_state_dict(self.hf_model, self.rank)
+        if self.rank == 0:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.hf_model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            _copy_processor_files(self.model_path, out)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return str(out_dir)
+
+    # ---- weight sync (the sending side lives in learner/weight_sync.py) ---------------------------
+
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the weight-sync group as its rank 0 (blocking until every receiver joins);
+        the other ranks only help gather under ZeRO-3."""
+        if self.rank != 0:
+            return
+        from learner.weight_sync import WeightSender
+
+        self.weight_sender = WeightSender(master_addr, master_port, world_size, backend)
+
+    def weight_update_meta(self):
+        """The WeightUpdateMeta of what `push_weights` sends: HF checkpoint names, dtypes, full
+        shapes, in order. Read from the parameters' descriptions, no gather needed."""
+        from medvqa.weight_update import WeightUpdateMeta, dtype_name
+
+        names, dtypes, shapes = [], [], []
+        for name, p in self.hf_model.named_parameters():
+            names.append(self.param_names[name])
+            dtypes.append(dtype_name(p.dtype))
+            shapes.append(tuple(p.ds_shape) if zero_params.is_partitioned(p) else tuple(p.shape))
+        return WeightUpdateMeta(tuple(names), tuple(dtypes), shapes=tuple(shapes))
+
+    def push_weights(self, version: int) -> None:
+        """Gather the full parameters (every rank takes part under ZeRO-3) and let rank 0 send them.
+        The driver calls it on all ranks while the rollout workers receive."""
+        pairs = self.named_parameters_for_sync()
+        if self.rank != 0:
+            for _ in pairs:  # the gathers are collectives: keep in step with rank 0
+                pass
+            return
+        if self.weight_sender is None:
+            raise RuntimeError("push_weights before init_weight_sync on learner rank 0")
+        if self._update_meta is None:
+            self._update_meta = self.weight_update_meta()
+        self.weight_sender.send(pairs, version, meta=self._update_meta)
+
+
+def _copy_processor_files(model_path: str, out: Path) -> None:
+    src = Path(model_path)
+    if not src.is_dir():  # a hub id: the processor as published
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(model_path).save_pretrained(out)
+        return
+    for f in src.iterdir():
+        if f.is_file() and f.name not in _MODEL_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(f, out / f.name)
