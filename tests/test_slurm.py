@@ -1,0 +1,139 @@
+"""`sbatch slurm/train_8gpu.sh` on a real one-node Slurm cluster (munged, slurmctld, slurmd on loopback).
+
+The cluster has no GPU, so jobs are submitted with the script's documented CPU switch:
+MEDVLM_DEVICE=cpu and `sbatch --gpus-per-node=0 --cpus-per-task=2`.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_utils import (REPO_ROOT, SHORT_RUN, SlurmCluster, ensure_slurm_installed, processes_mentioning,
+                           ray_port_args)
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = REPO_ROOT / "slurm" / "train_8gpu.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run munged, slurmctld and slurmd")
+    why = ensure_slurm_installed()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        left = cluster.stop()
+        pids = {n: p.pid for n, p in cluster.procs.items()}
+    assert not left, f"Slurm daemons still running: {left}"
+    for name, pid in pids.items():
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"{name} (pid {pid}) still alive"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
+
+
+class Job:
+    """One submission of the script with its own Ray ports and Ray temp dir."""
+
+    def __init__(self, slurm: SlurmCluster, tmp: Path, overrides: list[str]):
+        self.slurm, self.tmp = slurm, tmp
+        self.run_dir = tmp / "run"
+        self.out = tmp / "job.out"
+        self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
+        gcs, dash, flags = ray_port_args()
+        env = {k: v for k, v in slurm.env.items() if not k.startswith(("MEDVLM_", "RAY_"))}
+        env.update(MEDVLM_DEVICE="cpu", MEDVLM_RAY_PORT=str(gcs), MEDVLM_RAY_DASHBOARD_PORT=str(dash),
+                   MEDVLM_RAY_START_ARGS=" ".join(flags + [f"--temp-dir={self.ray_tmp}"]),
+                   WANDB_MODE="offline", VLLM_CPU_KVCACHE_SPACE="1")
+        res = slurm.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={self.out}",
+                         str(SCRIPT), "configs/tiny_cpu.yaml", f"logging.run_dir={self.run_dir}",
+                         f"model.path={tmp / 'tiny-qwen2-vl'}", *overrides], env=env, cwd=REPO_ROOT)
+        assert res.returncode == 0, f"sbatch failed: {res.stderr}"
+        self.id = res.stdout.strip().split(";")[0]
+
+    def log(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else "(no job output)"
+
+    def wait(self, timeout: float) -> dict:
+        try:
+            return self.slurm.wait_job(self.id, timeout)
+        except TimeoutError:
+            self.slurm.run(["scancel", self.id])
+            raise AssertionError(f"job {self.id} timed out; its log:\n{self.log()}")
+
+    def exit_code_file(self, timeout: float = 60.0) -> str:
+        """What the script wrote on exit (it may still be stopping Ray when Slurm reports the job ended)."""
+        path = self.run_dir / "slurm" / "exit_code"
+        deadline = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert path.exists(), f"the script wrote no exit code; its log:\n{self.log()}"
+        return path.read_text().strip()
+
+    def assert_ray_stopped(self, grace: float = 30.0) -> None:
+        """Ray ran (its log says so) and no process of this job's Ray instance survives."""
+        ray_logs = list((self.run_dir / "slurm").glob("ray-*.log"))
+        assert ray_logs, f"no per-node Ray log in {self.run_dir / 'slurm'}"
+        assert "Ray runtime started" in ray_logs[0].read_text(errors="replace")
+        deadline = time.monotonic() + grace
+        while processes_mentioning(self.ray_tmp) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert processes_mentioning(self.ray_tmp) == [], "Ray processes outlived the job"
+
+
+def test_sbatch_trains_and_stops_ray(slurm, tmp_path):
+    t0 = time.monotonic()
+    job = Job(slurm, tmp_path, SHORT_RUN)
+    state = job.wait(timeout=1200)
+    log = job.log()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log}"
+    assert job.exit_code_file() == "0"
+    assert "1 Ray node(s) up" in log and f"logging.run_dir={job.run_dir}" in log
+    rows = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/total" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["reward/total"]) for r in steps)
+    assert (job.run_dir / "config.yaml").is_file()
+    assert any((job.run_dir / "final").iterdir()), "no final policy saved"
+    job.assert_ray_stopped()
+    print(f"sbatch training job: {time.monotonic() - t0:.0f} s")
+
+
+def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
+    job = Job(slurm, tmp_path, ["train.stepz=2"])
+    state = job.wait(timeout=300)
+    log = job.log()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", f"{state}\n{log}"
+    assert job.exit_code_file() == "2"
+    assert "unknown config key 'train.stepz'" in log and "train.steps" in log
+    job.assert_ray_stopped()
+
+
+def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
+    job = Job(slurm, tmp_path, ["train.steps=1000", "logging.wandb=false"])
+    deadline = time.monotonic() + 300
+    while "driver:" not in job.log() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "driver:" in job.log(), f"the driver never started:\n{job.log()}"
+    time.sleep(3)
+    assert slurm.run(["scancel", job.id]).returncode == 0
+    state = job.wait(timeout=120)
+    assert state["JobState"] == "CANCELLED", f"{state}\n{job.log()}"
+    assert job.exit_code_file() == "143", job.log()
+    assert "received SIGTERM" in job.log()
+    assert processes_mentioning(str(job.run_dir)) == [], "the driver outlived the job"
+    job.assert_ray_stopped()
