@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 from PIL import Image
 
 from medvqa.record import LETTERS, MedVQARecord
+from medvqa.splits import image_identity, seeded_subset, split_by_image  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -443,47 +443,6 @@ def load_hf_dataset(dataset_or_path: Any, split: Optional[str] = None, modalitie
     stem = Path(str(dataset_or_path)).name if isinstance(dataset_or_path, (str, Path)) else "hf"
     drafts = [_hf_draft(row, i, cols, base, origin, stem) for i, row in enumerate(ds)]
     return _finish(drafts, LoadReport(origin), modalities)
-
-
-def seeded_subset(records: Sequence[MedVQARecord], n: Optional[int], seed: int = 42) -> list:
-    """`n` records drawn after a seeded shuffle (the paper: 600 MRI training samples, seed 42).
-
-    The same seed gives the same records in the same order; None or n >= len gives all of them, shuffled.
-    """
-    if n is not None and n < 1:
-        raise ValueError(f"seeded_subset: n must be at least 1, got {n}")
-    shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
-    if n is not None and n > len(shuffled):
-        log.warning("asked for %d records, only %d are available; using all", n, len(shuffled))
-    return shuffled[:n]
-
-
-def image_identity(record: MedVQARecord) -> str:
-    """A key equal for records that show the same image: the resolved path, or a hash of the bytes/pixels."""
-    img = record.image
-    if isinstance(img, Image.Image):
-        return "pixels:" + hashlib.sha1(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
-    if isinstance(img, (bytes, bytearray)):
-        return "bytes:" + hashlib.sha1(img).hexdigest()
-    return "path:" + os.path.realpath(img)
-
-
-def split_by_image(records: Sequence[MedVQARecord], test_fraction: float, seed: int = 42) -> tuple:
-    """(train, test) with every image on one side only, so no test image is ever trained on.
-
-    A seeded shuffle of the distinct images puts round(test_fraction * images) of them in test; each side
-    keeps the input order.
-    """
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"split_by_image: test_fraction must be in [0, 1], got {test_fraction}")
-    keys = [image_identity(r) for r in records]
-    distinct = list(dict.fromkeys(keys))
-    random.Random(seed).shuffle(distinct)
-    test_keys = set(distinct[:round(test_fraction * len(distinct))])
-    train = [r for r, k in zip(records, keys) if k not in test_keys]
-    test = [r for r, k in zip(records, keys) if k in test_keys]
-    return train, test
 
 
 def load_records(source: str, path: Optional[str], modalities: Optional[Sequence[str]] = None,
