@@ -15,26 +15,41 @@ def build_datasets(data_cfg) -> tuple[list[MedVQARecord], dict[str, list[MedVQAR
         from medvqa.synthetic import synthetic_dataset
 
         return synthetic_dataset(data_cfg)
-    return _public_datasets(data_cfg)
+    from medvqa.loaders import seeded_subset
 
-
-def _public_datasets(data_cfg):
-    from medvqa.loaders import load_records, seeded_subset, split_by_image
-
-    if not data_cfg.path:
-        raise ValueError(f"config key 'data.path' must name the data for data.source={data_cfg.source!r}")
-    records, report = load_records(data_cfg.source, data_cfg.path, seed=data_cfg.seed)
-    log.info("loaded %d records from %s (%s skipped)", len(records), data_cfg.path, len(report.skipped))
-    if data_cfg.eval_path:
-        train_pool = records
-        test_pool, _ = load_records(data_cfg.source, data_cfg.eval_path, seed=data_cfg.seed)
-    else:
-        train_pool, test_pool = split_by_image(records, data_cfg.test_fraction, data_cfg.seed)
+    train_pool, test_pool = _public_pools(data_cfg)
     train = [r for r in train_pool if r.modality in data_cfg.train_modalities]
     if not train:
         raise ValueError(f"no training records of modalities {list(data_cfg.train_modalities)} in {data_cfg.path}")
     if data_cfg.num_train is not None:
         train = seeded_subset(train, data_cfg.num_train, data_cfg.seed)
+    return train, _eval_sets(data_cfg, test_pool)
+
+
+def build_eval_sets(data_cfg) -> dict[str, list[MedVQARecord]]:
+    """The held-out sets alone (the same ones training evaluates on, for the same config)."""
+    if data_cfg.source == "synthetic":
+        return build_datasets(data_cfg)[1]
+    return _eval_sets(data_cfg, _public_pools(data_cfg)[1])
+
+
+def _public_pools(data_cfg) -> tuple[list[MedVQARecord], list[MedVQARecord]]:
+    from medvqa.loaders import load_records, split_by_image
+
+    if not data_cfg.path and not data_cfg.eval_path:
+        raise ValueError(f"config key 'data.path' must name the data for data.source={data_cfg.source!r}")
+    if data_cfg.eval_path:
+        test_pool, _ = load_records(data_cfg.source, data_cfg.eval_path, seed=data_cfg.seed)
+        train_pool = load_records(data_cfg.source, data_cfg.path, seed=data_cfg.seed)[0] if data_cfg.path else []
+        return train_pool, test_pool
+    records, report = load_records(data_cfg.source, data_cfg.path, seed=data_cfg.seed)
+    log.info("loaded %d records from %s (%d skipped)", len(records), data_cfg.path, len(report.skipped))
+    return split_by_image(records, data_cfg.test_fraction, data_cfg.seed)
+
+
+def _eval_sets(data_cfg, test_pool: list[MedVQARecord]) -> dict[str, list[MedVQARecord]]:
+    from medvqa.loaders import seeded_subset
+
     evals = {}
     for modality in data_cfg.eval_modalities:
         pool = [r for r in test_pool if r.modality == modality]
@@ -42,7 +57,7 @@ def _public_datasets(data_cfg):
             log.warning("no evaluation records of modality %s; that set is left out", modality)
             continue
         evals[modality] = seeded_subset(pool, min(len(pool), data_cfg.num_eval_per_modality), data_cfg.seed)
-    return train, evals
+    return evals
 
 
 class PromptSampler:

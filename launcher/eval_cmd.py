@@ -9,7 +9,7 @@ import ray
 
 from launcher import cluster
 from launcher.config import Config
-from launcher.data import build_datasets
+from launcher.data import build_eval_sets
 from launcher.evaluate import evaluate_sets, write_outputs
 
 
@@ -18,7 +18,9 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
     if not Path(checkpoint).exists() and Path(checkpoint).is_absolute():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
     out_dir = out_dir or Path(checkpoint) / "eval"
-    _, eval_sets = build_datasets(cfg.data)
+    eval_sets = build_eval_sets(cfg.data)
+    if not eval_sets:
+        raise ValueError(f"no evaluation records of modalities {list(cfg.data.eval_modalities)}")
     cluster.start_ray(cfg)
     from rollout_workers.worker import RolloutWorker
 
