@@ -42,6 +42,14 @@ def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
     processor.image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
 
 
+def vllm_processor_kwargs(min_pixels: int, max_pixels: int) -> dict:
+    """`mm_processor_kwargs` for vLLM so that its processor resizes images as `processor_inputs` does.
+
+    The `size` form, not min_pixels/max_pixels, which transformers 5 deprecates.
+    """
+    return {"size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}}
+
+
 def load_processor(model_path: str, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
     """The checkpoint's processor, with the image size bounds set where given."""
     from transformers import AutoProcessor
@@ -66,10 +74,13 @@ def _update_pixel_bounds(processor, min_pixels: Optional[int], max_pixels: Optio
 
 def processor_inputs(records: Sequence[MedVQARecord], processor, min_pixels: Optional[int] = None,
                      max_pixels: Optional[int] = None) -> dict:
-    """Tensors for a list of prompts: input_ids, attention_mask (left-padded), pixel_values, image_grid_thw.
+    """Tensors for a list of prompts: input_ids, attention_mask (left-padded), mm_token_type_ids,
+    pixel_values, image_grid_thw.
 
     Left padding keeps every prompt's last token at the end, where generation and the learner's
-    completion tokens continue it.
+    completion tokens continue it. transformers 5 Qwen2-VL refuses image inputs without
+    mm_token_type_ids (1 on image tokens, 0 elsewhere): it computes the M-RoPE positions from them,
+    so a caller that appends completion tokens must extend it with zeros.
     """
     if not records:
         raise ValueError("processor_inputs needs at least one record")
@@ -83,4 +94,4 @@ def processor_inputs(records: Sequence[MedVQARecord], processor, min_pixels: Opt
         out = processor(text=texts, images=images, padding=True, return_tensors="pt")
     finally:
         tok.padding_side = side
-    return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    return {k: out[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from medvqa.record import LETTERS, MedVQARecord
-from medvqa.scan_styles import ANATOMY_MAX, STYLES, draw_anatomy
+from medvqa.scan_styles import STYLES, draw_anatomy
 
 QUESTION_TYPES = ("location", "count", "brighter")
 SPLITS = ("train", "test")
@@ -177,9 +177,10 @@ def _draw_image(rng: np.random.Generator, modality: str, size: int, question_typ
         if question_type == "count":
             return draw_count(rng, base, int(value))
         img = draw_brighter(rng, base, layout, layout.names.index(value))
-        means = region_means(img, layout)
+        means = np.sort(region_means(img, layout))
         # Redraw the rare anatomy whose own imbalance would blur the brightness cue.
-        if np.sort(means)[-1] - np.sort(means)[-2] >= 0.5 * BRIGHTER_OFFSET and means.argmax() == layout.names.index(value):
+        clear = means[-1] - means[-2] >= 0.5 * BRIGHTER_OFFSET
+        if clear and region_means(img, layout).argmax() == layout.names.index(value):
             return img
     raise RuntimeError(f"could not draw a clear 'brighter' image for {modality} at {size} px")
 

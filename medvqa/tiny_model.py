@@ -24,11 +24,12 @@ REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Qwen2-VL-Instruct's chat template, less the video-id and tool branches this task never uses.
+# Qwen2-VL-Instruct's chat template (its video numbering left out: the task has no videos).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"

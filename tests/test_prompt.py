@@ -50,6 +50,7 @@ def test_processor_inputs_left_padded_batch(tiny_model_dir):
     assert tuple(out["pixel_values"].shape) == (16 + 36, 3 * 2 * 14 * 14)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (out["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 9]
+    assert out["mm_token_type_ids"].tolist() == (out["input_ids"] == image_pad).long().tolist()
     mask = out["attention_mask"]
     assert mask[0, :5].sum() == 0 and mask[:, -1].tolist() == [1, 1]  # the short prompt is padded on the left
     assert mask.sum(dim=1).tolist()[1] - mask.sum(dim=1).tolist()[0] == 5

@@ -79,27 +79,33 @@ def test_transformers_forward_on_image_prompt(tiny_model_dir):
 
 @pytest.mark.slow
 def test_vllm_generates_and_prompt_ids_match_processor(tiny_model_dir):
-    from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    images = [_image(0), _image(1, size=84)]
-    prompts = [processor.apply_chat_template(_messages(t), tokenize=False, add_generation_prompt=True)
-               for t in ("Where is the lesion?\nA) left\nB) right", "How many lesions?\nA) 1\nB) 2\nC) 3")]
+    from medvqa.prompt import load_processor, processor_inputs, render_prompt, vllm_processor_kwargs
+    from medvqa.record import MedVQARecord
+
+    # Bounds that upscale both images to 84 px: vLLM must resize exactly as the learner's processor.
+    bounds = (84 * 84, 512 * 28 * 28)
+    processor = load_processor(tiny_model_dir, *bounds)
+    records = [MedVQARecord(id="a", image=_image(0), question="Where is the lesion?",
+                            options={"A": "left", "B": "right"}, answer="A"),
+               MedVQARecord(id="b", image=_image(1, size=70), question="How many lesions?",
+                            options={"A": "1", "B": "2", "C": "3"}, answer="C")]
     llm = LLM(model=tiny_model_dir, dtype="float32", max_model_len=1024, enforce_eager=True,
-              limit_mm_per_prompt={"image": 1}, seed=0)
+              limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=vllm_processor_kwargs(*bounds), seed=0)
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=0)
     try:
-        outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)],
-                            params)
+        outs = llm.generate([{"prompt": render_prompt(r, processor), "multi_modal_data": {"image": r.load_image()}}
+                             for r in records], params)
     finally:
         # Stop the engine process now rather than in an atexit hook after pytest closed its streams.
         llm.llm_engine.engine_core.shutdown()
-    assert len(outs) == 2
-    for out, prompt, image in zip(outs, prompts, images):
-        ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-        assert list(out.prompt_token_ids) == ids
+    ref = processor_inputs(records, processor)
+    assert ref["image_grid_thw"].tolist() == [[1, 6, 6], [1, 6, 6]]
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row, out in enumerate(outs):
+        expected = ref["input_ids"][row][ref["attention_mask"][row].bool()].tolist()
+        assert list(out.prompt_token_ids) == expected
+        assert list(out.prompt_token_ids).count(image_pad) == 9  # 6x6 patches merged 2x2
         assert len(out.outputs[0].token_ids) >= 1
         assert all(0 <= t < len(processor.tokenizer) for t in out.outputs[0].token_ids)
-    # The 84 px image has 6x6 patches, 9 image tokens after the 2x2 merge.
-    assert list(outs[1].prompt_token_ids).count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 9
