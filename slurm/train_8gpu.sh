@@ -23,6 +23,7 @@
 #   MEDVLM_RAY_DASHBOARD_PORT  dashboard and job-submission port of the head (default 8265)
 #   MEDVLM_RAY_HEAD_IP         address the other nodes use to reach the head (default: resolved on it)
 #   MEDVLM_RAY_START_ARGS      extra flags for every `ray start` (other ports, --temp-dir, ...)
+#   MEDVLM_RAY_HEAD_ARGS, MEDVLM_RAY_WORKER_ARGS  extra flags for the head's / the workers' `ray start` only
 #   MEDVLM_RAY_WAIT_S          seconds to wait for every node to join Ray (default 300)
 #   RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH  Ray token authentication; by default token mode with a fresh
 #                              token in <run dir>/slurm/ray_auth_token (`ray job submit` needs both)
@@ -56,6 +57,8 @@ else
   PY=$(command -v python3 || command -v python) || die "no python on PATH"
 fi
 RAY=("$PY" -m ray.scripts.scripts)
+# Runs a command in a Slurm task with its output in <run dir>/slurm/ray-<Slurm node name>.log.
+NODE_LOG=(bash -c 'exec "$@" >"$MEDVLM_LOG_DIR/ray-$SLURMD_NODENAME.log" 2>&1' ray-node)
 
 # The run directory: the user's logging.run_dir if given, else one named after the job.
 OVERRIDES=()
@@ -70,6 +73,7 @@ fi
 [[ $RUN_DIR == /* ]] || RUN_DIR=$ROOT/$RUN_DIR
 LOG_DIR=$RUN_DIR/slurm
 mkdir -p "$LOG_DIR" || die "cannot create $LOG_DIR"
+export MEDVLM_LOG_DIR=$LOG_DIR
 
 DEVICE=${MEDVLM_DEVICE:-}
 GPU_ARGS=()
@@ -91,7 +95,8 @@ for n in "${NODES[@]}"; do [[ $n != "$HEAD" ]] && WORKERS+=("$n"); done
 HEAD_IP=${MEDVLM_RAY_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}
 PORT=${MEDVLM_RAY_PORT:-6379}
 DASH_PORT=${MEDVLM_RAY_DASHBOARD_PORT:-8265}
-read -ra EXTRA <<<"${MEDVLM_RAY_START_ARGS:-}"
+read -ra HEAD_EXTRA <<<"${MEDVLM_RAY_START_ARGS:-} ${MEDVLM_RAY_HEAD_ARGS:-}"
+read -ra WORKER_EXTRA <<<"${MEDVLM_RAY_START_ARGS:-} ${MEDVLM_RAY_WORKER_ARGS:-}"
 export RAY_ADDRESS=$HEAD_IP:$PORT
 # At the end of the job there is nothing to drain: Ray stops at once on SIGTERM instead of waiting 30 s.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
@@ -148,9 +153,9 @@ trap 'RC=130; log "received SIGINT"; stop_all' INT
 trap stop_all EXIT
 
 log "job $SLURM_JOB_ID: nodes ${NODES[*]}, head $HEAD ($RAY_ADDRESS), run dir $RUN_DIR, python $PY"
-srun --nodes=1 --ntasks=1 -w "$HEAD" "${STEP_ARGS[@]}" --output="$LOG_DIR/ray-%N.log" \
-  "${RAY[@]}" start --head --block --node-ip-address="$HEAD_IP" --port="$PORT" \
-  --dashboard-port="$DASH_PORT" --num-cpus="$CPUS" "${GPU_ARGS[@]}" --disable-usage-stats "${EXTRA[@]}" &
+srun --nodes=1 --ntasks=1 -w "$HEAD" "${STEP_ARGS[@]}" \
+  "${NODE_LOG[@]}" "${RAY[@]}" start --head --block --node-ip-address="$HEAD_IP" --port="$PORT" \
+  --dashboard-port="$DASH_PORT" --num-cpus="$CPUS" "${GPU_ARGS[@]}" --disable-usage-stats "${HEAD_EXTRA[@]}" &
 SRUN_PIDS+=($!)
 
 wait_for_nodes() {  # wait_for_nodes COUNT: until COUNT Ray nodes are alive, the head step still running
@@ -181,8 +186,8 @@ EOF
 wait_for_nodes 1 || exit 1
 if ((${#WORKERS[@]})); then
   srun --nodes="${#WORKERS[@]}" --ntasks="${#WORKERS[@]}" -w "$(IFS=,; echo "${WORKERS[*]}")" "${STEP_ARGS[@]}" \
-    --output="$LOG_DIR/ray-%N.log" "${RAY[@]}" start --block --address="$RAY_ADDRESS" --num-cpus="$CPUS" \
-    "${GPU_ARGS[@]}" --disable-usage-stats "${EXTRA[@]}" &
+    "${NODE_LOG[@]}" "${RAY[@]}" start --block --address="$RAY_ADDRESS" --num-cpus="$CPUS" \
+    "${GPU_ARGS[@]}" --disable-usage-stats "${WORKER_EXTRA[@]}" &
   SRUN_PIDS+=($!)
   wait_for_nodes "${#NODES[@]}" || exit 1
 fi

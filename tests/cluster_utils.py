@@ -40,16 +40,21 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def ray_port_args() -> tuple[int, int, list[str]]:
-    """(gcs port, dashboard port, `ray start` flags): every listening port of a Ray node pinned to a free
-    one, so that this Ray instance never collides with another on the same machine."""
-    gcs, dash, client, agent, agent_grpc, env_agent, nm, om, metrics, wmin = free_ports(10)
-    flags = [
-        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-        f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
-    ]
-    return gcs, dash, flags
+def _node_port_flags(ports: list[int]) -> list[str]:
+    agent, agent_grpc, env_agent, nm, om, metrics = ports
+    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--metrics-export-port={metrics}"]
+
+
+def ray_port_args() -> tuple[int, int, list[str], list[str]]:
+    """(gcs port, dashboard port, head `ray start` flags, worker `ray start` flags): every listening port of
+    a Ray node pinned to a free one, so that this Ray instance collides neither with another Ray instance on
+    the machine nor, when emulated Slurm nodes share this host, its head with its worker."""
+    ports = free_ports(15)
+    gcs, dash, client = ports[:3]
+    head = [f"--ray-client-server-port={client}"] + _node_port_flags(ports[3:9])
+    return gcs, dash, head, _node_port_flags(ports[9:15])
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -100,11 +105,11 @@ SlurmdPort={d_port}
 AuthType=auth/munge
 AuthInfo=socket={root}/munge/munge.socket
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -112,6 +117,7 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
@@ -119,19 +125,27 @@ JobCompLoc={root}/log/jobcomp.txt
 MinJobAge=3600
 KillWait=10
 InactiveLimit=0
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} State=UNKNOWN"
 
 
 @dataclass
 class SlurmCluster:
-    """munged + slurmctld + slurmd for this host, configured under `root`."""
+    """munged + slurmctld + one slurmd per node, configured under `root`. Every node is this host: with
+    nodes > 1, several slurmd daemons (one per node name, each on its own port) emulate a larger cluster;
+    `cpus` is declared per node (config_overrides lets it exceed the real cores)."""
 
     root: Path
+    nodes: int = 1
     cpus: int = 2
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     procs: dict = field(default_factory=dict)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [self.host] if self.nodes == 1 else [f"node{i + 1}" for i in range(self.nodes)]
 
     @property
     def env(self) -> dict:
@@ -143,9 +157,12 @@ class SlurmCluster:
         os.chmod(self.root / "munge", 0o700)
         key = self.root / "munge" / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        ctld_port, d_port = free_ports(2)
+        ctld_port, d_port, *node_ports = free_ports(2 + self.nodes)
+        nodes = "\n".join(NODE_LINE.format(name=n, host=self.host, port=p, cpus=self.cpus)
+                          for n, p in zip(self.node_names, node_ports))
         (self.root / "slurm.conf").write_text(SLURM_CONF.format(
-            host=self.host, root=self.root, ctld_port=ctld_port, d_port=d_port, cpus=self.cpus))
+            root=self.root, host=self.host, ctld_port=ctld_port, d_port=d_port, nodes=nodes,
+            node_names=",".join(self.node_names)))
         m = self.root / "munge"
         self._spawn("munged", ["munged", "-F", "-f", f"--socket={m}/munge.socket", f"--key-file={key}",
                                f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
@@ -153,8 +170,10 @@ class SlurmCluster:
         self._wait(lambda: (m / "munge.socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i"])
         self._wait(lambda: self.scontrol("ping").returncode == 0, timeout, "slurmctld ping")
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.host])
-        self._wait(self._node_ready, timeout, "node idle in sinfo")
+        for name in self.node_names:
+            (self.root / "spool" / name).mkdir(exist_ok=True)
+            self._spawn(f"slurmd-{name}", ["slurmd", "-D", "-N", name])
+        self._wait(self._nodes_ready, timeout, f"{self.nodes} node(s) idle in sinfo")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "wb")
@@ -173,9 +192,10 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}:\n" + self.daemon_logs())
 
-    def _node_ready(self) -> bool:
-        res = self.run(["sinfo", "-h", "-o", "%t"])
-        return res.returncode == 0 and res.stdout.strip() in ("idle", "mix", "alloc")
+    def _nodes_ready(self) -> bool:
+        res = self.run(["sinfo", "-h", "-N", "-o", "%t"])
+        states = res.stdout.split()
+        return res.returncode == 0 and len(states) == self.nodes and all(s == "idle" for s in states)
 
     def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=60, **kw)
@@ -214,9 +234,10 @@ class SlurmCluster:
 
     def stop(self, timeout: float = 30.0) -> list[str]:
         """Kill every daemon started here (slurmd first, munged last); returns those still alive."""
-        for name in ("slurmd", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is None or p.poll() is not None:
+        order = sorted(self.procs, key=lambda n: (not n.startswith("slurmd"), n == "munged"))
+        for name in order:
+            p = self.procs[name]
+            if p.poll() is not None:
                 continue
             os.killpg(p.pid, signal.SIGTERM)
             try:

@@ -1,7 +1,8 @@
-"""`sbatch slurm/train_8gpu.sh` on a real one-node Slurm cluster (munged, slurmctld, slurmd on loopback).
+"""`sbatch slurm/train_8gpu.sh` on a real Slurm cluster on this machine (munged, slurmctld, slurmd on loopback).
 
-The cluster has no GPU, so jobs are submitted with the script's documented CPU switch:
-MEDVLM_DEVICE=cpu and `sbatch --gpus-per-node=0 --cpus-per-task=2`.
+Two Slurm nodes, both this host (two slurmd daemons), so that the script's multi-node path runs too: a Ray
+head on the first node, a Ray worker on the second. The nodes have no GPU, so jobs are submitted with the
+script's documented CPU switch: MEDVLM_DEVICE=cpu and `sbatch --gpus-per-node=0`.
 """
 import json
 import math
@@ -27,7 +28,7 @@ def slurm():
     why = ensure_slurm_installed()
     if why:
         pytest.skip(why)
-    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")))
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), nodes=2, cpus=2)
     try:
         cluster.start()
         yield cluster
@@ -49,17 +50,18 @@ def _is_zombie(pid: int) -> bool:
 class Job:
     """One submission of the script with its own Ray ports and Ray temp dir."""
 
-    def __init__(self, slurm: SlurmCluster, tmp: Path, overrides: list[str]):
+    def __init__(self, slurm: SlurmCluster, tmp: Path, overrides: list[str], nodes: int = 1):
         self.slurm, self.tmp = slurm, tmp
         self.run_dir = tmp / "run"
         self.out = tmp / "job.out"
         self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
-        gcs, dash, flags = ray_port_args()
+        gcs, dash, head_flags, worker_flags = ray_port_args()
         env = {k: v for k, v in slurm.env.items() if not k.startswith(("MEDVLM_", "RAY_"))}
         env.update(MEDVLM_DEVICE="cpu", MEDVLM_RAY_PORT=str(gcs), MEDVLM_RAY_DASHBOARD_PORT=str(dash),
-                   MEDVLM_RAY_START_ARGS=" ".join(flags + [f"--temp-dir={self.ray_tmp}"]),
-                   WANDB_MODE="offline", VLLM_CPU_KVCACHE_SPACE="1")
-        res = slurm.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={self.out}",
+                   MEDVLM_RAY_START_ARGS=f"--temp-dir={self.ray_tmp}", MEDVLM_RAY_HEAD_ARGS=" ".join(head_flags),
+                   MEDVLM_RAY_WORKER_ARGS=" ".join(worker_flags), WANDB_MODE="offline", VLLM_CPU_KVCACHE_SPACE="1")
+        res = slurm.run(["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2",
+                         f"--output={self.out}",
                          str(SCRIPT), "configs/tiny_cpu.yaml", f"logging.run_dir={self.run_dir}",
                          f"model.path={tmp / 'tiny-qwen2-vl'}", *overrides], env=env, cwd=REPO_ROOT)
         assert res.returncode == 0, f"sbatch failed: {res.stderr}"
@@ -84,32 +86,35 @@ class Job:
         assert path.exists(), f"the script wrote no exit code; its log:\n{self.log()}"
         return path.read_text().strip()
 
-    def assert_ray_stopped(self, grace: float = 30.0) -> None:
-        """Ray ran (its log says so) and no process of this job's Ray instance survives."""
-        ray_logs = list((self.run_dir / "slurm").glob("ray-*.log"))
-        assert ray_logs, f"no per-node Ray log in {self.run_dir / 'slurm'}"
-        assert "Ray runtime started" in ray_logs[0].read_text(errors="replace")
+    def assert_ray_stopped(self, nodes: list[str], grace: float = 30.0) -> None:
+        """Ray ran on each node (its log there says so) and no process of this job's Ray instance survives."""
+        for node in nodes:
+            ray_log = self.run_dir / "slurm" / f"ray-{node}.log"
+            assert ray_log.is_file(), f"no Ray log for {node} in {self.run_dir / 'slurm'}"
+            assert "Ray runtime started" in ray_log.read_text(errors="replace"), ray_log.read_text()[-2000:]
         deadline = time.monotonic() + grace
         while processes_mentioning(self.ray_tmp) and time.monotonic() < deadline:
             time.sleep(1)
         assert processes_mentioning(self.ray_tmp) == [], "Ray processes outlived the job"
 
 
-def test_sbatch_trains_and_stops_ray(slurm, tmp_path):
+def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
     t0 = time.monotonic()
-    job = Job(slurm, tmp_path, SHORT_RUN)
+    # One actor per node: each takes all 2 CPUs of a node, so the learner and the rollout worker are apart.
+    job = Job(slurm, tmp_path, SHORT_RUN + ["cluster.cpus_per_actor=2"], nodes=2)
     state = job.wait(timeout=1200)
     log = job.log()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log}"
+    assert state["NodeList"] == "node[1-2]", state
     assert job.exit_code_file() == "0"
-    assert "1 Ray node(s) up" in log and f"logging.run_dir={job.run_dir}" in log
+    assert "2 Ray node(s) up" in log and f"logging.run_dir={job.run_dir}" in log
     rows = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/total" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["reward/total"]) for r in steps)
     assert (job.run_dir / "config.yaml").is_file()
     assert any((job.run_dir / "final").iterdir()), "no final policy saved"
-    job.assert_ray_stopped()
+    job.assert_ray_stopped(["node1", "node2"])
     print(f"sbatch training job: {time.monotonic() - t0:.0f} s")
 
 
@@ -120,7 +125,8 @@ def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", f"{state}\n{log}"
     assert job.exit_code_file() == "2"
     assert "unknown config key 'train.stepz'" in log and "train.steps" in log
-    job.assert_ray_stopped()
+    assert state["NodeList"] == "node1" and "1 Ray node(s) up" in log
+    job.assert_ray_stopped(["node1"])
 
 
 def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
@@ -136,4 +142,4 @@ def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
     assert job.exit_code_file() == "143", job.log()
     assert "received SIGTERM" in job.log()
     assert processes_mentioning(str(job.run_dir)) == [], "the driver outlived the job"
-    job.assert_ray_stopped()
+    job.assert_ray_stopped(["node1"])
