@@ -58,6 +58,7 @@ else
 fi
 RAY=("$PY" -m ray.scripts.scripts)
 # Runs a command in a Slurm task with its output in <run dir>/slurm/ray-<Slurm node name>.log.
+# shellcheck disable=SC2016  # expanded by the task's shell, on its node
 NODE_LOG=(bash -c 'exec "$@" >"$MEDVLM_LOG_DIR/ray-$SLURMD_NODENAME.log" 2>&1' ray-node)
 
 # The run directory: the user's logging.run_dir if given, else one named after the job.
@@ -92,7 +93,10 @@ mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD=${SLURMD_NODENAME:-${NODES[0]}}
 WORKERS=()
 for n in "${NODES[@]}"; do [[ $n != "$HEAD" ]] && WORKERS+=("$n"); done
-HEAD_IP=${MEDVLM_RAY_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}
+# The address Ray itself picks for this node (the interface of the default route): `hostname --ip-address`
+# can answer 127.0.1.1 where /etc/hosts maps the host name to loopback.
+HEAD_IP=${MEDVLM_RAY_HEAD_IP:-$("$PY" -c 'import ray.util; print(ray.util.get_node_ip_address())')} ||
+  die "cannot find this node's address with $PY (is Ray installed?); set MEDVLM_RAY_HEAD_IP"
 PORT=${MEDVLM_RAY_PORT:-6379}
 DASH_PORT=${MEDVLM_RAY_DASHBOARD_PORT:-8265}
 read -ra HEAD_EXTRA <<<"${MEDVLM_RAY_START_ARGS:-} ${MEDVLM_RAY_HEAD_ARGS:-}"
@@ -117,6 +121,7 @@ SRUN_PIDS=()
 DRIVER_PID=
 RC=1
 
+# shellcheck disable=SC2317  # reached from the traps below
 wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is alive
   local tries=$1 pid alive
   shift
@@ -129,6 +134,7 @@ wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is al
   return 1
 }
 
+# shellcheck disable=SC2317  # reached from the traps below
 stop_all() {
   trap - EXIT TERM INT
   if [[ -n $DRIVER_PID ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
@@ -140,8 +146,8 @@ stop_all() {
   # (SIGTERM to srun itself would cancel the step with SIGKILL.) srun is killed only as a fallback.
   log "stopping Ray on ${#NODES[@]} node(s)"
   local steps
-  steps=$(squeue --steps --jobs="$SLURM_JOB_ID" --noheader --format=%i 2>/dev/null | grep -E '\.[0-9]+$')
-  [[ -n $steps ]] && scancel --signal=TERM $steps 2>/dev/null
+  mapfile -t steps < <(squeue --steps --jobs="$SLURM_JOB_ID" --noheader --format=%i 2>/dev/null | grep -E '\.[0-9]+$')
+  ((${#steps[@]})) && scancel --signal=TERM "${steps[@]}" 2>/dev/null
   wait_gone 60 "${SRUN_PIDS[@]}" || for pid in "${SRUN_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   wait_gone 30 "${SRUN_PIDS[@]}" || for pid in "${SRUN_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
   echo "$RC" >"$LOG_DIR/exit_code"

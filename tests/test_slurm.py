@@ -7,6 +7,8 @@ script's documented CPU switch: MEDVLM_DEVICE=cpu and `sbatch --gpus-per-node=0`
 import json
 import math
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,13 +18,41 @@ import pytest
 from cluster_utils import (REPO_ROOT, SHORT_RUN, SlurmCluster, ensure_slurm_installed, processes_mentioning,
                            ray_port_args)
 
-pytestmark = pytest.mark.slow
-
 SCRIPT = REPO_ROOT / "slurm" / "train_8gpu.sh"
 
 
+def test_script_is_valid_bash_and_passes_shellcheck():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    res = subprocess.run(["shellcheck", "--severity=info", str(SCRIPT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_sbatch_directives_come_before_the_first_command():
+    """sbatch stops reading #SBATCH lines at the first line that is neither blank nor a comment."""
+    directives, seen_command = {}, False
+    for line in SCRIPT.read_text().splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            assert not seen_command, f"ignored by sbatch, after the first command: {line}"
+            key, _, value = line.split(None, 1)[1].partition("=")
+            directives[key] = value
+        elif line.strip() and not line.lstrip().startswith("#"):
+            seen_command = True
+    assert directives.get("--gpus-per-node") == "8" and directives.get("--ntasks-per-node") == "1"
+    assert {"--job-name", "--nodes", "--cpus-per-task", "--time", "--output"} <= directives.keys()
+
+
+def test_script_refuses_to_run_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    res = subprocess.run(["bash", str(SCRIPT), "configs/tiny_cpu.yaml"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and "sbatch" in res.stderr
+    assert not any(tmp_path.iterdir()), "it wrote files before refusing"
+
+
 @pytest.fixture(scope="module")
-def slurm():
+def slurm():  # a real cluster, shared by the slow tests of this module
     if os.geteuid() != 0:
         pytest.skip("needs root to run munged, slurmctld and slurmd")
     why = ensure_slurm_installed()
@@ -98,6 +128,7 @@ class Job:
         assert processes_mentioning(self.ray_tmp) == [], "Ray processes outlived the job"
 
 
+@pytest.mark.slow
 def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
     t0 = time.monotonic()
     # One actor per node: each takes all 2 CPUs of a node, so the learner and the rollout worker are apart.
@@ -118,6 +149,7 @@ def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
     print(f"sbatch training job: {time.monotonic() - t0:.0f} s")
 
 
+@pytest.mark.slow
 def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
     job = Job(slurm, tmp_path, ["train.stepz=2"])
     state = job.wait(timeout=300)
@@ -129,6 +161,7 @@ def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
     job.assert_ray_stopped(["node1"])
 
 
+@pytest.mark.slow
 def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
     job = Job(slurm, tmp_path, ["train.steps=1000", "logging.wandb=false"])
     deadline = time.monotonic() + 300
