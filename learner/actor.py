@@ -7,25 +7,18 @@ rollout workers, which only rank 0 joins.
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from learner import ds_config, zero_params
+from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule, batch_kwargs
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
 from medvqa.batch import RolloutBatch
 from medvqa.record import MedVQARecord
-
-# Files of a checkpoint folder that belong to the model itself; the rest (tokenizer, processor,
-# chat template) are copied as they are when the policy is saved.
-_MODEL_FILES = ("config.json", "generation_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-
 
 def _init_process_group(cfg, rank: int, world_size: int, master_addr: str, master_port: int) -> str:
     """The ranks' own group. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0 on GPU."""
@@ -144,10 +137,7 @@ class LearnerRank:
         Every rank must call it; rank 0 writes."""
         state = zero_params.full_state_dict(self.hf_model, self.rank)
         if self.rank == 0:
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            self.hf_model.save_pretrained(out, state_dict=state, safe_serialization=True)
-            _copy_processor_files(self.model_path, out)
+            save_hf_checkpoint(self.hf_model, out_dir, self.model_path, state_dict=state)
         if self.world_size > 1:
             torch.distributed.barrier()
         return str(out_dir)
@@ -188,15 +178,3 @@ class LearnerRank:
         if self._update_meta is None:
             self._update_meta = self.weight_update_meta()
         self.weight_sender.send(pairs, version, meta=self._update_meta)
-
-
-def _copy_processor_files(model_path: str, out: Path) -> None:
-    src = Path(model_path)
-    if not src.is_dir():  # a hub id: the processor as published
-        from transformers import AutoProcessor
-
-        AutoProcessor.from_pretrained(model_path).save_pretrained(out)
-        return
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _MODEL_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(f, out / f.name)
