@@ -78,12 +78,13 @@ def _all_logprobs(module, plan: StepPlan, feats, temperature) -> list[torch.Tens
             for mb in plan.micro_batches]
 
 
-def _global_sum(value: float, world_size: int, device) -> float:
+def _all_reduce(values: list[float], world_size: int, device, op=dist.ReduceOp.SUM) -> list[float]:
+    """The values combined over the learner ranks (each rank must call with as many values)."""
     if world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def micro_weights(plan: StepPlan, loss_agg: str, world_size: int) -> list[float]:
@@ -96,7 +97,7 @@ def micro_weights(plan: StepPlan, loss_agg: str, world_size: int) -> list[float]
         sizes = [float(mb.completion_mask.sum()) for mb in plan.micro_batches]
     else:
         sizes = [float(mb.input_ids.shape[0]) for mb in plan.micro_batches]
-    total = _global_sum(sum(sizes), world_size, plan.device)
+    (total,) = _all_reduce([sum(sizes)], world_size, plan.device)
     return [world_size * s / total if total > 0 else 0.0 for s in sizes]
 
 
@@ -113,14 +114,17 @@ def _sampling_logprobs(plan: StepPlan, m: int, like: torch.Tensor) -> torch.Tens
     return out
 
 
-def _mismatch(plan: StepPlan, old: list[torch.Tensor]) -> dict[str, float]:
-    """|learner log-prob - engine log-prob| over completion tokens: the train/inference mismatch."""
+def _mismatch(plan: StepPlan, old: list[torch.Tensor], world_size: int) -> dict[str, float]:
+    """|learner log-prob - engine log-prob| over all ranks' completion tokens: the train/inference
+    mismatch (the learner's side from before the step's first update)."""
     total, count, worst = 0.0, 0.0, 0.0
     for m, lp in enumerate(old):
         mask = plan.micro_batches[m].completion_targets()[1].to(lp.device).bool()
         diff = (lp - _sampling_logprobs(plan, m, lp)).abs()[mask]
         total, count = total + float(diff.sum()), count + diff.numel()
         worst = max(worst, float(diff.max())) if diff.numel() else worst
+    total, count = _all_reduce([total, count], world_size, plan.device)
+    (worst,) = _all_reduce([worst], world_size, plan.device, op=dist.ReduceOp.MAX)
     return {"logprob_diff/mean_abs": total / max(count, 1.0), "logprob_diff/max_abs": worst}
 
 
@@ -137,7 +141,11 @@ class _PassInputs:
 
 
 def run_train_step(engine, reference, plan: StepPlan, cfg, world_size: int) -> dict[str, float]:
-    """learner.mu optimiser steps over the plan's micro-batches; returns the step's metrics."""
+    """learner.mu optimiser steps over the plan's micro-batches; returns the step's metrics.
+
+    Every metric is of the whole step over all ranks (each rank returns the same numbers), so
+    that a driver may take any rank's, or their mean.
+    """
     temperature, g = _temperature(cfg), cfg.grpo
     rewards = torch.tensor(plan.batch.total_rewards, dtype=torch.float32)
     feats = _image_features(engine, plan)
@@ -149,8 +157,10 @@ def run_train_step(engine, reference, plan: StepPlan, cfg, world_size: int) -> d
         weights=micro_weights(plan, g.loss_agg, world_size), temperature=temperature, world_size=world_size)
     passes = [_one_pass(engine, plan, inputs, cfg) for _ in range(cfg.learner.mu)]
     metrics = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0] if k != "_logprobs"}
-    metrics.update(_mismatch(plan, inputs.old if inputs.old is not None else passes[0]["_logprobs"]))
-    metrics["advantage/abs_mean"] = float(inputs.advantages.abs().mean())
+    metrics.update(_mismatch(plan, inputs.old if inputs.old is not None else passes[0]["_logprobs"], world_size))
+    abs_sum, n = _all_reduce([float(inputs.advantages.abs().sum()), inputs.advantages.numel()], world_size,
+                             plan.device)
+    metrics["advantage/abs_mean"] = abs_sum / n
     return metrics
 
 
@@ -172,11 +182,12 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg) -> dict:
         engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
         engine.step()
         seen.append(logprobs.detach())
-        sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size
+        sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
         sums["entropy"] += float(torch.where(mask.bool(), entropy, torch.zeros_like(entropy)).sum())
         sums["num_tokens"] += stats["num_tokens"]
         for k in _TOKEN_STATS:
             sums[k] += stats[k] * stats["num_tokens"]
+    sums = dict(zip(sums, _all_reduce(list(sums.values()), inputs.world_size, plan.device)))
     n = max(sums["num_tokens"], 1.0)
     norm = engine.get_global_grad_norm()
     return {"loss": sums["loss"], "entropy": sums["entropy"] / n, "num_tokens": sums["num_tokens"],
