@@ -28,7 +28,7 @@ class RayHead:
     """
 
     def __init__(self, tmp: Path):
-        gcs, self.dashboard_port, flags = ray_port_args()
+        gcs, self.dashboard_port, flags, _ = ray_port_args()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
         token = tmp / "ray_auth_token"
