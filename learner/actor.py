@@ -64,6 +64,7 @@ class LearnerRank:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=PolicyModule(hf), optimizer=optimizer, lr_scheduler=ds_config.make_scheduler(optimizer, cfg),
             config=ds_config.deepspeed_config(cfg, world_size))
+        self.engine.train()  # from_pretrained leaves the model in eval mode, where checkpointing is off
         self.device = self.engine.device
         self.reference = self._make_reference(model_path, dtype) if cfg.grpo.beta > 0 else None
         self.weight_sender = None

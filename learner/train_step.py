@@ -169,7 +169,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg) -> dict:
     g, last = cfg.grpo, len(plan.micro_batches) - 1
     lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())
     sums = {k: 0.0 for k in ("loss", "entropy", "num_tokens", *_TOKEN_STATS)}
-    seen = []
+    seen, fallback_norm = [], None
     for m, mb in enumerate(plan.micro_batches):
         engine.set_gradient_accumulation_boundary(m == last)
         logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
@@ -180,6 +180,8 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg) -> dict:
             inputs.advantages[plan.sample_indices[m]].to(plan.device), mask, g.beta, g.clip_low, g.clip_high,
             g.loss_agg, max_len=cfg.rollout.max_new_tokens)
         engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
+        if m == last and engine.zero_optimization_stage() == 0:
+            fallback_norm = _plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
         engine.step()
         seen.append(logprobs.detach())
         sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
@@ -190,6 +192,13 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg) -> dict:
     sums = dict(zip(sums, _all_reduce(list(sums.values()), inputs.world_size, plan.device)))
     n = max(sums["num_tokens"], 1.0)
     norm = engine.get_global_grad_norm()
+    norm = fallback_norm if norm is None else norm
     return {"loss": sums["loss"], "entropy": sums["entropy"] / n, "num_tokens": sums["num_tokens"],
             **{k: sums[k] / n for k in _TOKEN_STATS}, "lr": float(lr),
             "grad_norm": float(norm) if norm is not None else float("nan"), "_logprobs": seen}
+
+
+def _plain_grad_norm(engine) -> float:
+    """Global L2 norm of the (already averaged) gradients of an engine without ZeRO."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
