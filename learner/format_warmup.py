@@ -69,8 +69,8 @@ def _target_ids(tokenizer, text: str) -> list[int]:
 class _PromptCache:
     """Each drawn record goes through the processor once; its image features are computed once."""
 
-    def __init__(self, processor, policy: PolicyModule):
-        self.processor, self.policy = processor, policy
+    def __init__(self, processor, policy: PolicyModule, device: torch.device):
+        self.processor, self.policy, self.device = processor, policy, device
         self.prompts: dict[int, EncodedPrompt] = {}
         self.feats: dict[int, torch.Tensor] = {}
 
@@ -79,7 +79,8 @@ class _PromptCache:
         if index not in self.prompts:
             enc = encode_prompt(record, self.processor)
             self.prompts[index] = enc
-            self.feats[index] = self.policy(pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)
+            self.feats[index] = self.policy(pixel_values=enc.pixel_values.to(self.device),
+                                            image_grid_thw=enc.image_grid_thw.to(self.device))
         return self.prompts[index]
 
 
@@ -92,8 +93,8 @@ def _step_loss(policy: PolicyModule, cache: _PromptCache, records, rng: random.R
     batch = collate_samples(prompts, list(range(len(picks))), [t.ids for t in targets], tok.pad_token_id or 0,
                             prompt_keys=picks)
     feats = torch.cat([cache.feats[k] for k in batch.prompt_keys])
-    logits = policy(**batch_kwargs(batch, feats, "cpu"))[:, :-1].float()
-    tokens, mask = batch.completion_targets()
+    logits = policy(**batch_kwargs(batch, feats, cache.device))[:, :-1].float()
+    tokens, mask = (t.to(cache.device) for t in batch.completion_targets())
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
     for row, (prompt, target) in enumerate(zip(prompts, targets)):
         if target.letter_pos is not None:
@@ -116,11 +117,12 @@ def warmup_format(model_path: str, out_dir: str, records: Sequence[MedVQARecord]
     torch.manual_seed(seed)
     rng = random.Random(seed)
     processor = load_processor(model_path, min_pixels, max_pixels)
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).to(device)
     hf.model.visual.requires_grad_(False)
     policy = PolicyModule(hf).train()
     optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    cache, start, loss = _PromptCache(processor, policy), time.perf_counter(), None
+    cache, start, loss = _PromptCache(processor, policy, device), time.perf_counter(), None
     for step in range(steps):
         loss = _step_loss(policy, cache, records, rng)
         optimizer.zero_grad(set_to_none=True)
@@ -131,4 +133,4 @@ def warmup_format(model_path: str, out_dir: str, records: Sequence[MedVQARecord]
             log.info("format warm-up step %d/%d: loss %.4f", step + 1, steps, loss.item())
     log.info("format warm-up: %d steps in %.1f s, final loss %s", steps, time.perf_counter() - start,
              "n/a" if loss is None else f"{loss.item():.4f}")
-    return save_hf_checkpoint(hf.eval(), out_dir, model_path)
+    return save_hf_checkpoint(hf.eval().cpu(), out_dir, model_path)

@@ -128,6 +128,15 @@ def _mismatch(plan: StepPlan, old: list[torch.Tensor], world_size: int) -> dict[
     return {"logprob_diff/mean_abs": total / max(count, 1.0), "logprob_diff/max_abs": worst}
 
 
+def _check_same_micro_batch_count(plan: StepPlan, world_size: int) -> None:
+    """Ranks that run different numbers of micro-batches deadlock in ZeRO's collectives: fail instead."""
+    n = len(plan.micro_batches)
+    most, neg_least = _all_reduce([n, -n], world_size, plan.device, op=dist.ReduceOp.MAX)
+    if most != -neg_least:
+        raise ValueError(f"learner ranks got shards of {-neg_least:.0f} to {most:.0f} micro-batches; every rank "
+                         f"needs the same number (give each rank as many samples)")
+
+
 @dataclasses.dataclass
 class _PassInputs:
     """What every optimisation pass of a step reuses."""
@@ -146,6 +155,7 @@ def run_train_step(engine, reference, plan: StepPlan, cfg, world_size: int) -> d
     Every metric is of the whole step over all ranks (each rank returns the same numbers), so
     that a driver may take any rank's, or their mean.
     """
+    _check_same_micro_batch_count(plan, world_size)
     temperature, g = _temperature(cfg), cfg.grpo
     rewards = torch.tensor(plan.batch.total_rewards, dtype=torch.float32)
     feats = _image_features(engine, plan)
