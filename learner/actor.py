@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from learner import ds_config, zero_params
 from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
-from learner.policy import PolicyModule, batch_kwargs
+from learner.policy import PolicyModule
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
 from medvqa.batch import RolloutBatch
 from medvqa.record import MedVQARecord
+
 
 def _init_process_group(cfg, rank: int, world_size: int, master_addr: str, master_port: int) -> str:
     """The ranks' own group. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0 on GPU."""
@@ -69,14 +70,13 @@ class LearnerRank:
         self.reference = self._make_reference(model_path, dtype) if cfg.grpo.beta > 0 else None
         self.weight_sender = None
         self._update_meta = None
-        self.steps_done = 0
 
     def _make_reference(self, model_path: str, dtype: torch.dtype):
         """The frozen reference for the KL term.
 
         Under ZeRO-3 it is an optimiser-less ZeRO-3 engine, partitioned across the ranks like the
-        policy; otherwise a whole copy per rank. Its vision tower is dropped from the passes when
-        the policy's is frozen too (then both are the same weights and the features are shared).
+        policy; otherwise a whole copy per rank. With model.freeze_vision both vision towers hold
+        the same weights, so the reference's passes take the policy's image features.
         """
         import deepspeed
 
@@ -98,7 +98,6 @@ class LearnerRank:
         t0 = time.perf_counter()
         plan = self._plan(batch)
         metrics = run_train_step(self.engine, self.reference, plan, self.cfg, self.world_size)
-        self.steps_done += self.cfg.learner.mu
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
 

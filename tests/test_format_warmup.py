@@ -2,7 +2,6 @@
 import collections
 import random
 
-import pytest
 import torch
 
 from learner.format_warmup import REASONING, format_target, format_text, warmup_format
