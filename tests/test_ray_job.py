@@ -3,6 +3,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def ray_head(tmp_path_factory):
         while processes_mentioning(head.temp_dir) and time.monotonic() < deadline:
             time.sleep(1)
     assert processes_mentioning(head.temp_dir) == [], "Ray processes outlived the head"
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def test_job_runs_the_uploaded_code_with_the_heads_python(ray_head):

@@ -66,6 +66,7 @@ def slurm():  # a real cluster, shared by the slow tests of this module
         left = cluster.stop()
         pids = {n: p.pid for n, p in cluster.procs.items()}
     assert not left, f"Slurm daemons still running: {left}"
+    shutil.rmtree(cluster.root, ignore_errors=True)
     for name, pid in pids.items():
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"{name} (pid {pid}) still alive"
 
@@ -126,6 +127,7 @@ class Job:
         while processes_mentioning(self.ray_tmp) and time.monotonic() < deadline:
             time.sleep(1)
         assert processes_mentioning(self.ray_tmp) == [], "Ray processes outlived the job"
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
