@@ -50,6 +50,8 @@ def test_weight_sync_is_exact_after_a_zero2_step(tiny_model_dir, tmp_path, ray_s
         learner_before, worker_before = _logprobs(actors, record, prompt_ids, fixed)
         assert worker_before == pytest.approx(learner_before, abs=1e-4)
 
+        # A random model earns no reward, so every advantage would be 0; set rewards by hand so the step moves.
+        batch.total_rewards = [float(i % 2) for i in range(batch.num_samples)]
         stats = driver.train(actors, batch)
         assert stats["grad_norm"] > 0 and stats["loss"] == stats["loss"]  # finite, not NaN
         driver.sync_weights(actors, version=1)
