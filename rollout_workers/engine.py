@@ -1,0 +1,136 @@
+"""Building the vLLM engine and its requests from the config: the parts of a rollout worker that only vLLM sees."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from medvqa.prompt import render_prompt
+from medvqa.record import MedVQARecord
+from medvqa.weight_update import resolve_backend
+
+# Learner precision -> vLLM dtype on GPU. On CPU the engine always runs float32: vLLM-CPU's
+# bf16 kernels need AVX-512 BF16 and the learner's float32 log-probs are checked against it.
+_GPU_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def engine_dtype(cfg) -> str:
+    return _GPU_DTYPES[cfg.learner.precision] if cfg.cluster.device == "gpu" else "float32"
+
+
+def sync_backend(cfg) -> str:
+    return resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
+
+
+def engine_kwargs(cfg, model_path: str, worker_index: int) -> dict:
+    """Keyword arguments of `vllm.LLM` for one rollout engine."""
+    r, gpu = cfg.rollout, cfg.cluster.device == "gpu"
+    kwargs = dict(
+        model=model_path,
+        dtype=engine_dtype(cfg),
+        tensor_parallel_size=r.tensor_parallel_size,
+        enforce_eager=r.enforce_eager,
+        max_model_len=r.max_model_len,
+        seed=cfg.train.seed + worker_index,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_kwargs={"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
+        # The log-prob of each sampled token under the distribution it was drawn from (after
+        # temperature and top-p), which is what the learner's importance ratio compares against.
+        logprobs_mode="processed_logprobs",
+        weight_transfer_config={"backend": sync_backend(cfg)},
+        disable_log_stats=True,
+    )
+    if gpu:
+        kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+    if r.tensor_parallel_size > 1:
+        # Inside a Ray placement group vLLM would otherwise pick its Ray executor and ask Ray for
+        # GPUs that this actor already holds; the actor's own processes use them directly.
+        kwargs["distributed_executor_backend"] = "mp"
+    return kwargs
+
+
+def set_engine_env(cfg) -> None:
+    """Environment the engine's processes read at start-up (they inherit this process's)."""
+    if cfg.cluster.device == "cpu":
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gib)
+    # The processor cache and tokenizers are touched from vLLM's threads; their pools would
+    # oversubscribe the few cores a CPU actor gets.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def image_prompt(record: MedVQARecord, processor) -> dict:
+    """One vLLM text prompt with its image; `load_image` raises RecordError naming the record."""
+    return {"prompt": render_prompt(record, processor), "multi_modal_data": {"image": record.load_image()}}
+
+
+def request_seeds(seed: int, count: int) -> list[int]:
+    """Distinct, well-mixed seeds, one per prompt, from one step seed.
+
+    vLLM gives the k-th of a prompt's G samples `seed + k`, so nearby integers per prompt would
+    make prompts share noise; hashing the step seed keeps the draws independent.
+    """
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(count, dtype=np.uint32)]
+
+
+def sampling_params(rollout_cfg, seed: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=rollout_cfg.group_size, temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+        max_tokens=rollout_cfg.max_new_tokens, logprobs=0, seed=seed, detokenize=False,
+    )
+
+
+def greedy_params(max_new_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+
+
+def decode(tokenizer, completions: Sequence[Sequence[int]]) -> list[str]:
+    """Completion texts as a function of their token ids alone.
+
+    vLLM's incremental detokenizer holds back a trailing partial UTF-8 character of a truncated
+    sample, so its text is not always `decode(ids)`; the engine skips detokenizing and the texts
+    are decoded here instead. Special tokens (the end-of-turn token) are dropped; the reasoning
+    tags are ordinary tokens of the vocabulary, so the rewards still see them.
+    """
+    return tokenizer.batch_decode([list(c) for c in completions], skip_special_tokens=True)
+
+
+def sampled_logprobs(token_ids: Sequence[int], logprobs) -> list[float]:
+    """The engine's log-prob of each sampled token (position i holds a dict keyed by token id)."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        got = "none" if logprobs is None else len(logprobs)
+        raise RuntimeError(f"engine returned {got} log-prob entries for {len(token_ids)} tokens")
+    return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs)]
+
+
+def watch_engine(llm, poll_s: float = 0.5) -> None:
+    """Turn the death of the engine's processes into an error for a call already waiting on it.
+
+    vLLM's synchronous multiprocess client notices a dead engine core (it sets
+    `resources.engine_dead`) but leaves a caller blocked in `get_output` or in a utility call
+    (`collective_rpc`) waiting forever. This thread waits for that flag and then wakes those
+    callers with EngineDeadError; later calls fail at once in vLLM's own `ensure_alive`.
+    """
+    client = llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    if resources is None or not hasattr(client, "outputs_queue"):
+        return  # an in-process engine core: its errors reach the caller directly
+
+    def wait_for_death():
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while not resources.engine_dead:
+            if getattr(client, "_finalizer", None) is not None and not client._finalizer.alive:
+                return  # shut down on purpose
+            threading.Event().wait(poll_s)
+        client.outputs_queue.put_nowait(EngineDeadError())
+        for future in list(getattr(client, "utility_results", {}).values()):
+            if not future.done():
+                future.set_exception(EngineDeadError())
+
+    threading.Thread(target=wait_for_death, name="rollout-engine-watch", daemon=True).start()

