@@ -155,15 +155,28 @@ def perturb_and_export(model, seed: int, out_dir: Path) -> list[tuple[str, torch
     return list(load_file(str(out_dir / "model.safetensors")).items())
 
 
-def sync(actor, sender, named, version: int) -> float:
-    """Receive (in the actor) and send (here) at the same time, as the driver does."""
+def join(actors, backend: str = "gloo"):
+    """The learner's sender and every engine join one group (rank offsets 1, 2, ...), as the driver does."""
+    import ray
+
+    from learner.weight_sync import WeightSender
+
+    port, world = free_port(), 1 + len(actors)
+    joined = [a.init_weight_sync.remote("127.0.0.1", port, 1 + i, world, backend) for i, a in enumerate(actors)]
+    sender = WeightSender("127.0.0.1", port, world_size=world, backend=backend)
+    ray.get(joined)
+    return sender
+
+
+def sync(actors, sender, named, version: int) -> float:
+    """Receive (in the actors) and send (here) at the same time, as the driver does."""
     import ray
 
     meta = wu.WeightUpdateMeta.from_tensors(named)
     start = time.perf_counter()
-    pending = actor.receive_weights.remote(version, meta)
+    pending = [a.receive_weights.remote(version, meta) for a in actors]
     sender.send(named, version, meta)
-    assert ray.get(pending) == version
+    assert ray.get(pending) == [version] * len(actors)
     return time.perf_counter() - start
 
 
@@ -176,28 +189,34 @@ def small_cfg():
 
 
 @pytest.fixture(scope="module")
-def ray_worker(tiny_model_dir):
+def ray_workers(tiny_model_dir):
+    """Two rollout engines in Ray actors, as with rollout.num_workers=2."""
     import ray
 
     from rollout_workers.worker import RolloutWorker
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(small_cfg(), tiny_model_dir, 0)
+    actors = [ray.remote(RolloutWorker).options(num_cpus=1).remote(small_cfg(), tiny_model_dir, i) for i in range(2)]
     try:
-        yield actor
+        yield actors
     finally:
         try:
-            ray.get(actor.shutdown.remote(), timeout=60)
+            ray.get([a.shutdown.remote() for a in actors], timeout=60)
         finally:
             ray.shutdown()
 
 
+def all_logprobs(actors, record, completion) -> list[torch.Tensor]:
+    import ray
+
+    return [torch.tensor(x) for x in ray.get([a.completion_logprobs.remote(record, completion) for a in actors])]
+
+
 @pytest.mark.slow
-def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_worker, tiny_model_dir, tmp_path):
+def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, tiny_model_dir, tmp_path):
     import ray
     from transformers import Qwen2VLForConditionalGeneration
 
-    from learner.weight_sync import WeightSender
     from medvqa.prompt import load_processor
     from medvqa.synthetic import make_synthetic_split
 
@@ -208,60 +227,53 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_worker, t
                                      add_special_tokens=False)["input_ids"]
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
-    base_hf = hf_completion_logprobs(model, processor, record, completion)
-    base_vllm = ray.get(ray_worker.completion_logprobs.remote(record, completion))
-    assert len(base_vllm) == len(completion) and all(math.isfinite(x) for x in base_vllm)
-    assert torch.allclose(torch.tensor(base_vllm), torch.tensor(base_hf), atol=ATOL, rtol=0)
-    assert ray.get(ray_worker.weight_version.remote()) == 0
+    base_hf = torch.tensor(hf_completion_logprobs(model, processor, record, completion))
+    previous = all_logprobs(ray_workers, record, completion)
+    for got in previous:
+        assert len(got) == len(completion) and bool(torch.isfinite(got).all())
+        assert torch.allclose(got, base_hf, atol=ATOL, rtol=0)
+    assert ray.get([a.weight_version.remote() for a in ray_workers]) == [0, 0]
 
-    port = free_port()
-    joined = ray_worker.init_weight_sync.remote("127.0.0.1", port, 1, 2, "gloo")
-    sender = WeightSender("127.0.0.1", port, world_size=2, backend="gloo")
-    ray.get(joined)
-
-    previous = base_vllm
+    sender = join(ray_workers)
     for version in (1, 2):
         named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}")
-        seconds = sync(ray_worker, sender, named, version)
-        print(f"weight sync v{version}: {len(named)} tensors, "
+        seconds = sync(ray_workers, sender, named, version)
+        print(f"weight sync v{version} to {len(ray_workers)} engines: {len(named)} tensors, "
               f"{sum(t.numel() * t.element_size() for _, t in named) / 1e6:.1f} MB in {seconds:.2f} s")
         want = torch.tensor(hf_completion_logprobs(model, processor, record, completion))
-        got = torch.tensor(ray.get(ray_worker.completion_logprobs.remote(record, completion)))
-        assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
-        assert (got - torch.tensor(previous)).abs().max() > 100 * ATOL  # the engine really changed
-        assert ray.get(ray_worker.weight_version.remote()) == version
-        previous = got.tolist()
+        current = all_logprobs(ray_workers, record, completion)
+        for got, before in zip(current, previous):
+            assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+            assert (got - before).abs().max() > 100 * ATOL  # the engine really changed
+        assert ray.get([a.weight_version.remote() for a in ray_workers]) == [version, version]
+        previous = current
 
-    batch = ray.get(ray_worker.generate.remote([record], 0))
+    batch = ray.get(ray_workers[1].generate.remote([record], 0))
     assert batch.weight_version == 2 and batch.num_samples == 2
     sender.close()
 
 
 @pytest.mark.slow
-def test_a_failed_update_leaves_the_worker_refusing_work(ray_worker, tiny_model_dir):
-    """Runs after the exactness test (same actor): a sender that aborts mid-update."""
+def test_a_failed_update_leaves_the_workers_refusing_work(ray_workers, tiny_model_dir):
+    """Runs after the exactness test (same actors): a sender that aborts mid-update."""
     import ray
     from ray.exceptions import RayTaskError
-
-    from learner.weight_sync import WeightSender
-    from medvqa.synthetic import make_synthetic_split
-
-    port = free_port()
-    joined = ray_worker.init_weight_sync.remote("127.0.0.1", port, 1, 2, "gloo")
-    sender = WeightSender("127.0.0.1", port, world_size=2, backend="gloo")
-    ray.get(joined)
     from safetensors.torch import load_file
 
+    from medvqa.synthetic import make_synthetic_split
+
+    sender = join(ray_workers)
     named = list(load_file(str(Path(tiny_model_dir) / "model.safetensors")).items())
     meta = wu.WeightUpdateMeta.from_tensors(named)
     named[-1] = (named[-1][0], named[-1][1][:1])  # the last tensor arrives cut short
-    pending = ray_worker.receive_weights.remote(3, meta)
+    pending = [a.receive_weights.remote(3, meta) for a in ray_workers]
     with pytest.raises(wu.WeightSyncError, match=named[-1][0].replace(".", r"\.")):
         sender.send(named, 3, meta)
-    with pytest.raises(RayTaskError, match="rollout worker 0: weight update v3 failed"):
-        ray.get(pending, timeout=120)
     record = make_synthetic_split("MRI", "test", 1, seed=3)[0]
-    with pytest.raises(RayTaskError, match="rollout worker 0: cannot run generate"):
-        ray.get(ray_worker.generate.remote([record], 0), timeout=120)
-    assert ray.get(ray_worker.weight_version.remote()) == 2
+    for i, (actor, update) in enumerate(zip(ray_workers, pending)):
+        with pytest.raises(RayTaskError, match=f"rollout worker {i}: weight update v3 failed"):
+            ray.get(update, timeout=120)
+        with pytest.raises(RayTaskError, match=f"rollout worker {i}: cannot run generate"):
+            ray.get(actor.generate.remote([record], 0), timeout=120)
+        assert ray.get(actor.weight_version.remote()) == 2
     sender.close()
