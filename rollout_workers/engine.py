@@ -51,6 +51,27 @@ def engine_kwargs(cfg, model_path: str, worker_index: int) -> dict:
     return kwargs
 
 
+def check_plugin(backend: str) -> None:
+    """Fail with the fix, not with vLLM's "Invalid weight transfer backend", when `gloo` cannot be found.
+
+    vLLM builds the engine by name in its own processes, which learn the name only from this
+    package's `vllm.general_plugins` entry point (registered by installing the package).
+    """
+    if backend != "gloo":
+        return
+    from importlib.metadata import entry_points
+
+    from rollout_workers.vllm_plugin import ENTRY_POINT
+
+    if not any(ep.name == ENTRY_POINT for ep in entry_points(group="vllm.general_plugins")):
+        raise RuntimeError(f"the gloo weight-transfer engine is not registered: entry point {ENTRY_POINT!r} of "
+                           "group 'vllm.general_plugins' is missing; install this package (pip install -e .)")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and ENTRY_POINT not in allowed.split(","):
+        raise RuntimeError(f"VLLM_PLUGINS={allowed!r} leaves out {ENTRY_POINT!r}, which registers the gloo "
+                           "weight-transfer engine")
+
+
 def set_engine_env(cfg) -> None:
     """Environment the engine's processes read at start-up (they inherit this process's)."""
     if cfg.cluster.device == "cpu":

@@ -8,6 +8,7 @@ processes. It imports only the factory: the engine module loads when an engine i
 from __future__ import annotations
 
 GLOO_BACKEND = "gloo"
+ENTRY_POINT = "medvlm_gloo_weight_transfer"  # its name in pyproject.toml
 
 
 def register() -> None:

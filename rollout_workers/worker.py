@@ -35,6 +35,7 @@ class RolloutWorker:
         self._broken: Optional[str] = None  # why the engine can no longer be trusted
         rewards.check_weights(cfg.rewards.weights)  # an unknown reward fails here, not at step 1
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+        self._guard("start-up", lambda: eng.check_plugin(self.backend))
         eng.set_engine_env(cfg)
         start = time.perf_counter()
         self.llm = self._guard("start-up", lambda: _new_llm(eng.engine_kwargs(cfg, model_path, worker_index)))
@@ -145,8 +146,11 @@ class RolloutWorker:
             # Layerwise reload had moved the parameters aside; a failed update leaves no usable model.
             self._broken = f"weight update v{version} failed: {exc}"
             raise RolloutWorkerError(f"rollout worker {self.index}: {self._broken}") from exc
-        # KV blocks and vision-encoder outputs computed with the old weights must not be reused.
-        self.llm.reset_prefix_cache()
+        # KV blocks and vision-encoder outputs computed with the old weights must not be reused
+        # (without this, a prompt seen before the update is scored with stale KV and image features).
+        if not self.llm.reset_prefix_cache():
+            raise RolloutWorkerError(f"rollout worker {self.index}: could not drop the prefix cache after "
+                                     f"weight update v{version}")
         self.llm.llm_engine.reset_encoder_cache()
         self._version = int(version)
         log.info("rollout worker %d: weights v%d loaded in %.2f s", self.index, version, time.perf_counter() - start)
