@@ -6,10 +6,8 @@ log-probs that transformers computes for the perturbed model.
 """
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import socket
-import threading
 import time
 from pathlib import Path
 
