@@ -44,6 +44,11 @@ def engine_kwargs(cfg, model_path: str, worker_index: int) -> dict:
     )
     if gpu:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+    else:
+        # A prompt prefilled in chunks makes vLLM rewind its seeded generator for the discarded sample,
+        # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(r.max_model_len, 8192)
     if r.tensor_parallel_size > 1:
         # Inside a Ray placement group vLLM would otherwise pick its Ray executor and ask Ray for
         # GPUs that this actor already holds; the actor's own processes use them directly.
