@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.medvlm-installed
 
 .PHONY: setup demo test test-fast bench clean-venv
@@ -18,8 +17,9 @@ $(STAMP): pyproject.toml tools/torchvision_repair.py
 	# torchaudio breaks `import transformers`, torchcodec breaks `import vllm`. Nothing here needs audio/video.
 	$(PIP) uninstall -y -q torchaudio torchcodec || true
 	# The registry's torchvision is a CUDA build: repair its import in every process of this venv.
-	cp tools/torchvision_repair.py $(SITE)/_medvlm_torchvision_repair.py
-	echo "import _medvlm_torchvision_repair; _medvlm_torchvision_repair.install()" > $(SITE)/medvlm_torchvision_repair.pth
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	cp tools/torchvision_repair.py "$$site/_medvlm_torchvision_repair.py" && \
+	echo "import _medvlm_torchvision_repair; _medvlm_torchvision_repair.install()" > "$$site/medvlm_torchvision_repair.pth"
 	$(PY) -c "import torchvision, vllm, deepspeed, ray; from transformers import Qwen2VLProcessor; print('environment ready')"
 	touch $(STAMP)
 
