@@ -38,7 +38,7 @@ class DataConfig:
     num_eval_per_modality: int = 64  # held-out records per modality for evaluation
     eval_path: Optional[str] = None  # separate evaluation data in the same format (else split off `path`)
     test_fraction: float = 0.2  # share of images held out for evaluation when eval_path is not set
-    question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only
+    question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only; also "contrast"
     num_options: int = 4  # options per synthetic question (2-10)
     shuffle_options: bool = True  # synthetic only: shuffle option order per question (false: fixed order)
     image_size: int = 56  # side of synthetic scans in pixels

@@ -17,11 +17,12 @@ from PIL import Image
 from medvqa.record import LETTERS, MedVQARecord
 from medvqa.scan_styles import STYLES, draw_anatomy
 
-QUESTION_TYPES = ("location", "count", "brighter")
+QUESTION_TYPES = ("location", "count", "brighter", "contrast")
 SPLITS = ("train", "test")
 LESION_VALUE = 1.0
 BRIGHTER_OFFSET = 0.25  # added to the brighter region; larger than any left/right imbalance of the anatomy
 COUNT_VALUES = tuple(str(i) for i in range(1, 7))
+CONTRAST_VALUES = ("bright", "dark")  # the lesion against the tissue around it
 
 _HALVES = ("left", "right")
 _QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
@@ -50,7 +51,7 @@ GRID3 = Layout(3, 3, _GRID3)
 
 def layout_for(question_type: str, num_options: int) -> Optional[Layout]:
     """The region grid a location or brightness question uses for `num_options` options (None for count)."""
-    if question_type == "count":
+    if question_type in ("count", "contrast"):
         return None
     if num_options <= 2:
         return HALVES
@@ -65,10 +66,14 @@ def question_for(question_type: str, layout: Optional[Layout]) -> str:
         return "Where is the lesion?"
     if question_type == "count":
         return "How many lesions are there?"
+    if question_type == "contrast":
+        return "Is the lesion bright or dark?"
     return "Which side is brighter?" if layout is HALVES else "Which part is brightest?"
 
 
 def option_values(question_type: str, num_options: int) -> tuple:
+    if question_type == "contrast":
+        return CONTRAST_VALUES
     layout = layout_for(question_type, num_options)
     return COUNT_VALUES if layout is None else layout.names
 
@@ -108,6 +113,16 @@ def draw_location(rng: np.random.Generator, base: np.ndarray, layout: Layout, re
     cx = rng.uniform(x0 + margin, x1 - margin)
     img = base.copy()
     img[_disk(size, cy, cx, radius)] = LESION_VALUE
+    return img
+
+
+def draw_contrast(rng: np.random.Generator, base: np.ndarray, value: str) -> np.ndarray:
+    """One large lesion anywhere near the centre, white or black: its position carries no answer."""
+    size = base.shape[0]
+    radius = 0.2 * size
+    cy, cx = rng.uniform(0.35 * size, 0.65 * size, size=2)
+    img = base.copy()
+    img[_disk(size, cy, cx, radius)] = LESION_VALUE if value == "bright" else 0.0
     return img
 
 
@@ -176,6 +191,8 @@ def _draw_image(rng: np.random.Generator, modality: str, size: int, question_typ
             return draw_location(rng, base, layout, layout.names.index(value))
         if question_type == "count":
             return draw_count(rng, base, int(value))
+        if question_type == "contrast":
+            return draw_contrast(rng, base, value)
         img = draw_brighter(rng, base, layout, layout.names.index(value))
         means = np.sort(region_means(img, layout))
         # Redraw the rare anatomy whose own imbalance would blur the brightness cue.

@@ -76,6 +76,14 @@ def test_true_values_uniform_and_question_text_carries_no_answer():
     assert {r.question for r in recs} == {"Where is the lesion?"}
 
 
+def test_contrast_questions_fixed_order_and_balanced():
+    recs = make_synthetic_split("MRI", "train", 200, seed=5, question_types=["contrast"], num_options=2,
+                                shuffle_options=False)
+    assert {tuple(r.options.items()) for r in recs} == {(("A", "bright"), ("B", "dark"))}
+    assert Counter(r.answer for r in recs) == {"A": 100, "B": 100}
+    assert {r.question for r in recs} == {"Is the lesion bright or dark?"}
+
+
 def test_option_counts_capped_where_meaningful():
     recs = make_synthetic_split("X-ray", "test", 3, seed=0, num_options=10)
     by_type = {r.source.split("/")[1]: len(r.options) for r in recs}
@@ -92,6 +100,12 @@ def test_answers_match_pixels(modality, num_options):
         qtype = r.source.split("/")[1]
         if qtype == "count":
             assert _components(img > 0.9) == int(truth), r.id
+            continue
+        if qtype == "contrast":
+            # Anatomy stays at or below 0.8: only a bright lesion reaches white, a dark one leaves none.
+            bright_area = int((img > 0.9).sum())
+            disk_area = np.pi * (0.2 * size) ** 2
+            assert (bright_area > 0.8 * disk_area) if truth == "bright" else bright_area == 0, (r.id, truth)
             continue
         layout = _layout_of(r)
         if qtype == "location":
