@@ -33,7 +33,9 @@ BATCH_SIZE = 8
 
 
 def format_text(reasoning: str, letter: str) -> str:
-    return f"<think>{reasoning}</think>\n<answer>{letter}</answer>"
+    # No newline between the blocks: "\n" already follows "assistant" in the prompt, and a head-only
+    # warm-up reads mostly the current token, so one token must not lead to two different next tokens.
+    return f"<think>{reasoning}</think><answer>{letter}</answer>"
 
 
 @dataclasses.dataclass
@@ -120,6 +122,10 @@ def warmup_format(model_path: str, out_dir: str, records: Sequence[MedVQARecord]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).to(device)
     hf.model.visual.requires_grad_(False)
+    # Only the token embeddings, the output head and the norms learn the format: trained decoder
+    # layers learn to ignore the image (the targets carry no image information) and GRPO would then
+    # start from a policy blind to the very signal it must learn to use.
+    hf.model.language_model.layers.requires_grad_(False)
     policy = PolicyModule(hf).train()
     optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     cache, start, loss = _PromptCache(processor, policy, device), time.perf_counter(), None

@@ -10,7 +10,7 @@ from medvqa.synthetic import make_synthetic_split
 from rewards.rules import extract_answer, format_reward
 
 PIXELS = 3136  # 56x56 scans: 4 image tokens, as in the tiny CPU config
-STEPS, LR = 60, 3e-3
+STEPS, LR = 150, 1e-2
 
 
 def test_targets_ignore_the_image_and_spread_the_letters(tiny_model_dir):
@@ -64,4 +64,4 @@ def test_warmup_teaches_the_format_not_the_answer(tiny_model_dir, tmp_path):
     assert len(four) >= 3  # the letters spread over the options
     correct = sum(a == r.answer for a, r in zip(answers, held_out))
     assert correct <= 0.6 * len(held_out)  # no better than chance (about 0.38 expected)
-    assert format_text("x", "B") == "<think>x</think>\n<answer>B</answer>"
+    assert format_text("x", "B") == "<think>x</think><answer>B</answer>"
