@@ -12,12 +12,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger(__name__)
 
-# Environment every actor of the run gets: vLLM's CPU KV budget, quiet tokenizers, offline hubs.
 def actor_env(cfg) -> dict:
+    """Environment every actor of the run gets: vLLM's CPU KV budget, quiet tokenizers and logs."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
+        # vLLM logs a line per weight update at INFO; export VLLM_LOGGING_LEVEL=INFO to see them.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     if cfg.cluster.device == "cpu":
         # Several actors share few cores; one OpenMP thread each avoids oversubscription stalls.

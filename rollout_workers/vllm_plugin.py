@@ -7,13 +7,29 @@ processes. It imports only the factory: the engine module loads when an engine i
 """
 from __future__ import annotations
 
+import logging
+
 GLOO_BACKEND = "gloo"
+# Layers that hold only values computed at start-up (rotary cos/sin caches), never checkpoint
+# weights: vLLM's reload path warns on every update that none arrived for them, which is expected.
+_WEIGHTLESS_LAYERS = ("RotaryEmbedding", "MRotaryEmbedding")
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 ENTRY_POINT = "medvlm_gloo_weight_transfer"  # its name in pyproject.toml
+
+
+class _WeightlessLayerFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith(": Failed to load weights") and message.split(":")[0] in _WEIGHTLESS_LAYERS)
 
 
 def register() -> None:
     """Idempotent: vLLM may load plugins more than once per process."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    reload_log = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _WeightlessLayerFilter) for f in reload_log.filters):
+        reload_log.addFilter(_WeightlessLayerFilter())
 
     if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(
