@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 
 GLOO_BACKEND = "gloo"
-# Layers that hold only values computed at start-up (rotary cos/sin caches), never checkpoint
-# weights: vLLM's reload path warns on every update that none arrived for them, which is expected.
-_WEIGHTLESS_LAYERS = ("RotaryEmbedding", "MRotaryEmbedding")
+# Layers that hold only values computed at start-up (rotary cos/sin caches, the image mean/std of
+# the processor), never checkpoint weights: vLLM's reload path warns on every update that none
+# arrived for them, which is expected.
+_WEIGHTLESS_LAYERS = ("RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm")
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 ENTRY_POINT = "medvlm_gloo_weight_transfer"  # its name in pyproject.toml
 
