@@ -1,7 +1,9 @@
-"""Where the tiny run's step time goes: generation, training, weight sync, and waiting (the rest).
+"""Where the tiny run's step time goes: generation, training, weight sync, and waiting.
 
 Runs the embedded default for a few steps and prints each phase as a share of the measured step time,
-so the numbers compare across machines. Usage:
+so the numbers compare across machines. "training" is the learner's own compute (`time/learner_s`,
+timed inside the rank); "waiting" is the rest of the driver's training phase (shipping the batch to
+the ranks, waiting for the slowest one) plus whatever of the step no phase accounts for. Usage:
     python bench/step_breakdown.py [key=value ...]      (default: configs/tiny_cpu.yaml, 12 steps)
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = (("generation", "time/generate_s"), ("training", "time/train_s"), ("weight sync", "time/sync_s"))
+PHASES = (("generation", "time/generate_s"), ("training", "time/learner_s"), ("weight sync", "time/sync_s"))
 
 
 def breakdown(rows: list[dict], skip: int = 2) -> dict[str, float]:
