@@ -101,7 +101,7 @@ class TrainConfig:
     format_warmup_lr: float = 1e-3  # learning rate of the format warm-up
     eval_every: int = 0  # evaluate on the held-out sets every N steps (0: only at the end)
     eval_at_end: bool = True  # evaluate the final policy on the held-out sets
-    save_every: int = 0  # save a checkpoint every N steps (0: only the final policy)
+    save_every: int = 0  # save the policy (HF format, no optimiser state) every N steps (0: only the final one)
 
 
 @dataclass

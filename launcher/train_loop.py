@@ -69,6 +69,9 @@ def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> d
             sink.log_samples(step, driver.sample_rows(batch, cfg.logging.num_samples_logged))
         if eval_sets and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             evals[step] = _evaluate(cfg, actors, sink, eval_sets, step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+            # A Hugging Face policy checkpoint (loadable by `medvlm-r1 eval`); optimiser state is not kept.
+            ray.get([lr.save.remote(str(sink.run_dir / f"checkpoint-{step:06d}")) for lr in actors.learners])
     last = cfg.train.steps
     if eval_sets and cfg.train.eval_at_end and last not in evals:
         evals[last] = _evaluate(cfg, actors, sink, eval_sets, last)

@@ -71,7 +71,7 @@ def test_zero3_run_writes_every_metric_and_wandb_history(tiny_model_dir, tmp_pat
 
     run_dir = tmp_path / "run3"
     cfg = _cfg(tiny_model_dir, run_dir, "learner.zero_stage=3", "train.steps=3", "logging.wandb=true",
-               "logging.sample_every=2", "train.eval_at_end=true")
+               "logging.sample_every=2", "train.eval_at_end=true", "train.save_every=2")
     result = run_training(cfg)
 
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -85,6 +85,8 @@ def test_zero3_run_writes_every_metric_and_wandb_history(tiny_model_dir, tmp_pat
     evals = [r for r in rows if "eval/MRI/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 3] and 0.0 <= evals[-1]["eval/MRI/accuracy"] <= 1.0
     assert (run_dir / "config.yaml").exists() and (result.final_dir / "config.json").exists()
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert (run_dir / "checkpoint-000002" / "model.safetensors").exists()
 
     history = [h for h in read_history(wandb_file(run_dir)) if "reward/total" in h]
     assert [h["reward/total"] for h in history] == pytest.approx([r["reward/total"] for r in steps])
