@@ -10,9 +10,10 @@ from PIL import Image
 
 from medvqa.loaders import (
     ANSWER_NOT_IN_OPTIONS, MISSING_IMAGE, MULTIPLE_IMAGES, NO_OPTIONS, UNREADABLE_IMAGE, LoadError,
-    answer_letter, image_identity, load_hf_dataset, load_huatuo_eval, load_jsonl, load_omnimedvqa,
+    answer_letter, image_identity, load_huatuo_eval, load_jsonl, load_omnimedvqa,
     _Unusable, load_records, normalize_modality, save_jsonl, seeded_subset, split_by_image,
 )
+from medvqa.hf_loader import load_hf_dataset
 from medvqa.record import MedVQARecord
 
 MR, CT, XR = "MR (Mag-netic Resonance Imaging)", "CT(Computed Tomography)", "X-Ray"
