@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medvqa.loaders import LoadError, LoadReport, _Draft, _finish, _image_source, _options_dict, answer_letter, \
-    normalize_modality
+from medvqa.loaders import LoadError, LoadReport, _Draft, _finish, _image_source, _options_dict
 
 HF_COLUMNS = {"image": ("image", "images", "image_path"), "question": ("question",), "options": ("options", "choices"),
               "answer": ("answer", "gt_answer"), "modality": ("modality", "subset", "modality_type"),
