@@ -34,14 +34,14 @@ def make_run_dir(cfg: Config) -> Path:
 def prepare_model(cfg: Config) -> str:
     """The policy's starting checkpoint; the tiny model is built on the fly when asked for and absent."""
     path = Path(cfg.model.path)
-    if path.exists() or "/" not in cfg.model.path and not cfg.model.build_tiny_if_missing:
-        return str(path) if path.exists() else cfg.model.path
+    if path.exists():
+        return str(path)
     if cfg.model.build_tiny_if_missing:
         from medvqa.tiny_model import build_tiny_model
 
         log.info("building the tiny Qwen2-VL at %s", path)
         return build_tiny_model(str(path), seed=cfg.model.tiny_seed)
-    return cfg.model.path  # a hub id, resolved by transformers and vLLM on the cluster
+    return cfg.model.path  # a hub id, resolved by transformers and vLLM from the node's cache
 
 
 def format_warmup(cfg: Config, model_path: str, records, run_dir: Path) -> str:

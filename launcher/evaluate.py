@@ -9,13 +9,11 @@ import ray
 from medvqa.record import MedVQARecord
 
 
-def _split(items: list, parts: int) -> list[list]:
-    return [items[i::parts] for i in range(parts)]
-
-
 def greedy_completions(workers: list, records: list[MedVQARecord], max_new_tokens: int) -> list:
     """(text, num_tokens, finish_reason) per record, the records spread over the workers."""
-    shards = _split(list(range(len(records))), len(workers))
+    from launcher.driver import split_evenly
+
+    shards = split_evenly(list(range(len(records))), len(workers))
     futures = [w.generate_greedy.remote([records[i] for i in idx], max_new_tokens)
                for w, idx in zip(workers, shards) if idx]
     out = [None] * len(records)
