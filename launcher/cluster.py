@@ -115,9 +115,3 @@ def start_workers(cfg, placement: Placement, model_path: str) -> list:
         .remote(cfg, model_path, i)
         for i, b in enumerate(placement.worker_bundles)
     ]
-
-
-def sync_backend(cfg) -> str:
-    if cfg.cluster.sync_backend != "auto":
-        return cfg.cluster.sync_backend
-    return "nccl" if cfg.cluster.device == "gpu" else "gloo"

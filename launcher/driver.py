@@ -11,6 +11,7 @@ import ray
 from launcher import cluster
 from launcher.config import Config
 from medvqa.batch import RolloutBatch
+from medvqa.weight_update import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     workers = cluster.start_workers(cfg, placement, model_path)
     world = 1 + cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
     addr, (port,) = cluster.rendezvous(placement, placement.learner_bundles[0], 1)
-    backend = cluster.sync_backend(cfg)
+    backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
     joins = [lr.init_weight_sync.remote(addr, port, world, backend) for lr in learners]
     joins += [w.init_weight_sync.remote(addr, port, 1 + i * cfg.rollout.tensor_parallel_size, world, backend)
               for i, w in enumerate(workers)]
