@@ -111,20 +111,7 @@ def generate(actors: Actors, records: list, seed: int) -> RolloutBatch:
 
 def shard_for_rank(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
     """Whole groups per rank (prompts rank::world) so each rank computes its own group advantages."""
-    g = batch.group_size
-    prompts = list(range(rank, len(batch.records), world))
-    samples = [p * g + j for p in prompts for j in range(g)]
-    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
-    return RolloutBatch(
-        records=pick(batch.records, prompts), group_size=g,
-        prompt_token_ids=pick(batch.prompt_token_ids, prompts),
-        completion_token_ids=pick(batch.completion_token_ids, samples),
-        completion_texts=pick(batch.completion_texts, samples),
-        sampling_logprobs=pick(batch.sampling_logprobs, samples),
-        rewards={k: pick(v, samples) for k, v in batch.rewards.items()},
-        total_rewards=pick(batch.total_rewards, samples), finish_reasons=pick(batch.finish_reasons, samples),
-        weight_version=batch.weight_version,
-    )
+    return batch.select_prompts(list(range(rank, len(batch.records), world)))
 
 
 def train(actors: Actors, batch: RolloutBatch) -> dict:

@@ -64,3 +64,19 @@ class RolloutBatch:
             total_rewards=cat("total_rewards"), finish_reasons=cat("finish_reasons"),
             weight_version=first.weight_version,
         )
+
+    def select_prompts(self, prompts: list[int]) -> "RolloutBatch":
+        """The sub-batch of whole groups for the given prompt indices, in that order."""
+        g = self.group_size
+        samples = [p * g + j for p in prompts for j in range(g)]
+        pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+        return RolloutBatch(
+            records=pick(self.records, prompts), group_size=g,
+            prompt_token_ids=pick(self.prompt_token_ids, prompts),
+            completion_token_ids=pick(self.completion_token_ids, samples),
+            completion_texts=pick(self.completion_texts, samples),
+            sampling_logprobs=pick(self.sampling_logprobs, samples),
+            rewards={k: pick(v, samples) for k, v in self.rewards.items()},
+            total_rewards=pick(self.total_rewards, samples), finish_reasons=pick(self.finish_reasons, samples),
+            weight_version=self.weight_version,
+        )
