@@ -267,5 +267,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")
 
 
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dicts (for W&B's run config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -131,6 +131,12 @@ def sync_weights(actors: Actors, version: int) -> None:
     gather(futures, names, f"syncing weights (version {version})")
 
 
+def save_policy(actors: Actors, out_dir: Path) -> None:
+    """Every rank takes part (ZeRO-3 gathers the parameters); rank 0 writes the HF checkpoint."""
+    futures = [lr.save.remote(str(out_dir)) for lr in actors.learners]
+    gather(futures, [f"learner rank {r}" for r in range(len(futures))], f"saving {out_dir}")
+
+
 def rollout_metrics(batch: RolloutBatch) -> dict:
     n = batch.num_samples
     lengths = [len(c) for c in batch.completion_token_ids]

@@ -7,10 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-import ray
 
 from launcher import cluster, driver
-from launcher.config import Config, to_yaml
+from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
 from launcher.metrics import MetricsSink
@@ -35,11 +34,11 @@ def run_training(cfg: Config) -> RunResult:
     if cfg.train.format_warmup_steps > 0:
         model_path = driver.format_warmup(cfg, model_path, train_records, run_dir)
     actors = driver.start_actors(cfg, model_path)
-    sink = MetricsSink(run_dir, cfg.logging, _plain(cfg), cfg.train.steps)
+    sink = MetricsSink(run_dir, cfg.logging, to_dict(cfg), cfg.train.steps)
     try:
         summary = _loop(cfg, actors, sink, train_records, eval_sets)
         final_dir = run_dir / "final"
-        ray.get([lr.save.remote(str(final_dir)) for lr in actors.learners])
+        driver.save_policy(actors, final_dir)
         summary["final_dir"] = str(final_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -47,12 +46,6 @@ def run_training(cfg: Config) -> RunResult:
     finally:
         sink.close()
         driver.stop_actors(actors)
-
-
-def _plain(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> dict:
@@ -71,7 +64,7 @@ def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> d
             evals[step] = _evaluate(cfg, actors, sink, eval_sets, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
             # A Hugging Face policy checkpoint (loadable by `medvlm-r1 eval`); optimiser state is not kept.
-            ray.get([lr.save.remote(str(sink.run_dir / f"checkpoint-{step:06d}")) for lr in actors.learners])
+            driver.save_policy(actors, sink.run_dir / f"checkpoint-{step:06d}")
     last = cfg.train.steps
     if eval_sets and cfg.train.eval_at_end and last not in evals:
         evals[last] = _evaluate(cfg, actors, sink, eval_sets, last)
