@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medvqa.prompt import render_prompt
+from medvqa.prompt import render_prompt, vllm_processor_kwargs
 from medvqa.record import MedVQARecord
 from medvqa.weight_update import resolve_backend
 
@@ -35,7 +35,7 @@ def engine_kwargs(cfg, model_path: str, worker_index: int) -> dict:
         max_model_len=r.max_model_len,
         seed=cfg.train.seed + worker_index,
         limit_mm_per_prompt={"image": 1, "video": 0},
-        mm_processor_kwargs={"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
+        mm_processor_kwargs=vllm_processor_kwargs(cfg.model.min_pixels, cfg.model.max_pixels),
         # The log-prob of each sampled token under the distribution it was drawn from (after
         # temperature and top-p), which is what the learner's importance ratio compares against.
         logprobs_mode="processed_logprobs",
