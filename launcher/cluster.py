@@ -10,9 +10,13 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from launcher.actor_group import ActorGroup
+from launcher.config import Config
+
 log = logging.getLogger(__name__)
 
-def actor_env(cfg) -> dict:
+
+def actor_env(cfg: Config) -> dict:
     """Environment every actor of the run gets: vLLM's CPU KV budget, quiet tokenizers and logs."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
@@ -27,7 +31,7 @@ def actor_env(cfg) -> dict:
     return env
 
 
-def start_ray(cfg) -> None:
+def start_ray(cfg: Config) -> None:
     """Join cfg.cluster.ray_address or RAY_ADDRESS when given, else start a local instance."""
     if ray.is_initialized():
         return
@@ -40,6 +44,22 @@ def start_ray(cfg) -> None:
     needed = cfg.cluster.cpus_per_actor * (cfg.learner.num_ranks + cfg.rollout.num_workers) + 1
     num_cpus = cfg.cluster.num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def actor_gpus(cfg: Config, role: str) -> int:
+    """The one rule for GPUs per actor: a learner rank (and the format warm-up) holds one GPU, a rollout
+    worker one per tensor-parallel shard of its engine; nothing holds a GPU on the CPU profile."""
+    if cfg.cluster.device != "gpu":
+        return 0
+    per_role = {"learner": 1, "worker": cfg.rollout.tensor_parallel_size}
+    if role not in per_role:
+        raise ValueError(f"unknown actor role {role!r}; expected one of {sorted(per_role)}")
+    return per_role[role]
+
+
+def _bundle(cfg: Config, role: str) -> dict:
+    gpus = actor_gpus(cfg, role)
+    return {"CPU": cfg.cluster.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
 
 
 @dataclasses.dataclass
@@ -55,13 +75,11 @@ class Placement:
         remove_placement_group(self.group)
 
 
-def place(cfg, timeout_s: float = 600) -> Placement:
-    """One bundle per learner rank, then one per rollout worker (disaggregated: no device is shared)."""
-    cpu = cfg.cluster.cpus_per_actor
-    gpu = cfg.cluster.device == "gpu"
-    learner = [{"CPU": cpu, **({"GPU": 1} if gpu else {})} for _ in range(cfg.learner.num_ranks)]
-    workers = [{"CPU": cpu, **({"GPU": cfg.rollout.tensor_parallel_size} if gpu else {})}
-               for _ in range(cfg.rollout.num_workers)]
+def place(cfg: Config, with_learners: bool = True, timeout_s: float = 600) -> Placement:
+    """One bundle per learner rank, then one per rollout worker (disaggregated: no device is shared).
+    Evaluation alone places the workers only."""
+    learner = [_bundle(cfg, "learner") for _ in range(cfg.learner.num_ranks if with_learners else 0)]
+    workers = [_bundle(cfg, "worker") for _ in range(cfg.rollout.num_workers)]
     group = placement_group(learner + workers, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -85,33 +103,32 @@ def _address_and_free_ports(count: int) -> tuple[str, list[int]]:
 
 
 def rendezvous(placement: Placement, bundle: int, count: int) -> tuple[str, list[int]]:
-    """An address and free ports on the node that holds `bundle` (where rank 0 of a group will live)."""
+    """An address and `count` distinct free ports on the node that holds `bundle` (where rank 0 of
+    the groups will live); ports for several groups must come from one call so they never collide."""
     return ray.get(_address_and_free_ports.options(scheduling_strategy=placement.strategy(bundle)).remote(count))
 
 
-def start_learners(cfg, placement: Placement, model_path: str) -> list:
+def start_learners(cfg: Config, placement: Placement, model_path: str, addr: str, port: int) -> ActorGroup:
     from learner.actor import LearnerRank
 
-    addr, (port,) = rendezvous(placement, placement.learner_bundles[0], 1)
     port = cfg.cluster.master_port or port
-    gpu = 1 if cfg.cluster.device == "gpu" else 0
     cls = ray.remote(LearnerRank)
     world = cfg.learner.num_ranks
-    return [
-        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu, max_concurrency=1,
-                    scheduling_strategy=placement.strategy(b), name=None)
+    return ActorGroup("learner rank", [
+        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "learner"), max_concurrency=1,
+                    scheduling_strategy=placement.strategy(b))
         .remote(cfg, model_path, rank, world, addr, port)
         for rank, b in enumerate(placement.learner_bundles)
-    ]
+    ])
 
 
-def start_workers(cfg, placement: Placement, model_path: str) -> list:
+def start_workers(cfg: Config, placement: Placement, model_path: str) -> ActorGroup:
     from rollout_workers.worker import RolloutWorker
 
-    gpu = cfg.rollout.tensor_parallel_size if cfg.cluster.device == "gpu" else 0
     cls = ray.remote(RolloutWorker)
-    return [
-        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu, scheduling_strategy=placement.strategy(b))
+    return ActorGroup("rollout worker", [
+        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "worker"),
+                    scheduling_strategy=placement.strategy(b))
         .remote(cfg, model_path, i)
         for i, b in enumerate(placement.worker_bundles)
-    ]
+    ])

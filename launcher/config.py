@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | jsonl | omnimedvqa | huatuo | hf
+    source: str = "synthetic"  # "synthetic" or a loader of medvqa.loaders.SOURCES (jsonl, omnimedvqa, huatuo, hf)
     path: Optional[str] = None  # file or folder for non-synthetic sources (data root for omnimedvqa)
     train_modalities: list = field(default_factory=lambda: ["MRI"])  # modalities drawn for training
     eval_modalities: list = field(default_factory=lambda: ["MRI", "CT", "X-ray"])  # held-out sets, one per modality
@@ -63,12 +63,12 @@ class RolloutConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = 1  # learner processes (one per GPU on GPU)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (learner.ds_config.ZERO_STAGES)
+    precision: str = "fp32"  # parameter dtype (protocol.choices.PRECISIONS); fp16 is GPU only
     lr: float = 1e-6  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    lr_schedule: str = "constant"  # constant | cosine | linear, after warmup
+    lr_schedule: str = "constant"  # decay after warmup (learner.ds_config.LR_SCHEDULES)
     warmup_steps: int = 0  # linear learning-rate warmup in optimiser steps
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     micro_batch_size: int = 4  # samples per forward/backward pass
@@ -83,7 +83,7 @@ class GRPOConfig:
     beta: float = 0.04  # weight of the k3 KL penalty to the frozen reference; 0 skips the reference
     clip_low: float = 0.2  # lower clip range: ratio >= 1 - clip_low
     clip_high: float = 0.2  # upper clip range: ratio <= 1 + clip_high (DAPO's clip-higher when larger)
-    loss_agg: str = "seq_mean_token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    loss_agg: str = "seq_mean_token_mean"  # how token losses are averaged (learner.grpo.LOSS_AGGREGATIONS)
     normalize_std: bool = True  # divide group advantages by the group's std (Dr.GRPO: false)
     eps: float = 1e-4  # added to the group std, as in the paper's trainer
 
@@ -119,11 +119,11 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
-    device: str = "cpu"  # cpu | gpu: device, dtype defaults and collective backend
+    device: str = "cpu"  # the profile (protocol.choices.DEVICES): device, dtype defaults, collective backend
     ray_address: Optional[str] = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
     num_cpus: Optional[int] = None  # CPUs for a local Ray instance (None: all)
     cpus_per_actor: float = 1.0  # CPU share reserved per actor in its placement bundle
-    sync_backend: str = "auto"  # weight sync transport: auto (nccl on gpu, gloo on cpu) | nccl | gloo
+    sync_backend: str = "auto"  # weight sync transport (protocol.weight_update.SYNC_BACKENDS); auto: nccl on gpu, gloo on cpu
     master_port: int = 0  # port for the learner's torch.distributed group (0: pick a free one)
 
 
@@ -227,8 +227,19 @@ def _check(ok: bool, key: str, msg: str):
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Reject values that cannot run, naming the key."""
+    """Reject values that cannot run, naming the key. Each set of allowed values is read from the
+    module that implements it."""
+    from learner.ds_config import LR_SCHEDULES, ZERO_STAGES
+    from learner.grpo import LOSS_AGGREGATIONS
+    from medvqa.loaders import SOURCES
+    from protocol.choices import DEVICES, PRECISIONS
+    from protocol.weight_update import SYNC_BACKENDS
+
     r, lr, g = cfg.rollout, cfg.learner, cfg.grpo
     _check(r.group_size >= 2, "rollout.group_size", f"must be at least 2 for group advantages, got {r.group_size}")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
@@ -238,9 +249,9 @@ def validate(cfg: Config) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
     _check(lr.lr > 0, "learner.lr", f"must be positive, got {lr.lr}")
-    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {lr.zero_stage}")
-    _check(lr.precision in ("fp32", "bf16", "fp16"), "learner.precision", f"must be fp32, bf16 or fp16, got {lr.precision!r}")
-    _check(lr.lr_schedule in ("constant", "cosine", "linear"), "learner.lr_schedule", f"unknown schedule {lr.lr_schedule!r}")
+    _one_of(lr.zero_stage, ZERO_STAGES, "learner.zero_stage")
+    _one_of(lr.precision, PRECISIONS, "learner.precision")
+    _one_of(lr.lr_schedule, LR_SCHEDULES, "learner.lr_schedule")
     _check(lr.num_ranks >= 1, "learner.num_ranks", "must be at least 1")
     _check(r.prompts_per_step % lr.num_ranks == 0, "rollout.prompts_per_step",
            f"{r.prompts_per_step} prompts cannot be shared evenly by learner.num_ranks={lr.num_ranks}; "
@@ -251,12 +262,10 @@ def validate(cfg: Config) -> None:
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
     _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")
-    _check(g.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"), "grpo.loss_agg",
-           f"unknown aggregation {g.loss_agg!r}")
-    _check(cfg.cluster.device in ("cpu", "gpu"), "cluster.device", f"must be cpu or gpu, got {cfg.cluster.device!r}")
-    _check(cfg.cluster.sync_backend in ("auto", "nccl", "gloo"), "cluster.sync_backend", "must be auto, nccl or gloo")
-    _check(cfg.data.source in ("synthetic", "jsonl", "omnimedvqa", "huatuo", "hf"), "data.source",
-           f"unknown source {cfg.data.source!r}")
+    _one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
+    _one_of(cfg.cluster.device, DEVICES, "cluster.device")
+    _one_of(cfg.cluster.sync_backend, SYNC_BACKENDS, "cluster.sync_backend")
+    _one_of(cfg.data.source, ("synthetic",) + tuple(SOURCES), "data.source")
     _check(2 <= cfg.data.num_options <= 10, "data.num_options", "must be between 2 and 10")
     _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(cfg.data.num_train is None or cfg.data.num_train >= 1, "data.num_train", "must be at least 1")

@@ -1,26 +1,34 @@
-"""The single controller: draw prompts, generate and score, train, sync weights, log. Owns no model tensor."""
+"""The single controller: draw prompts, generate and score, train, sync weights, log. Owns no model tensor.
+
+Every call to an actor goes through an `ActorGroup` (launcher/actor_group.py), so a dead actor is an
+error naming it wherever it happens.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import ray
 
 from launcher import cluster
+from launcher.actor_group import ActorGroup
 from launcher.config import Config
-from medvqa.batch import RolloutBatch
-from medvqa.weight_update import resolve_backend
+from medvqa.record import MedVQARecord
+from protocol.batch import RolloutBatch
+from protocol.weight_update import resolve_backend
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Actors:
-    learners: list
-    workers: list
+    learners: ActorGroup
+    workers: ActorGroup
     placement: cluster.Placement
+    update_meta: Optional[dict] = None  # the weight-update description, fetched from rank 0 once
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -50,7 +58,7 @@ def format_warmup(cfg: Config, model_path: str, records, run_dir: Path) -> str:
     from learner.format_warmup import warmup_format
 
     out = run_dir / "warmup"
-    task = ray.remote(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=1 if cfg.cluster.device == "gpu" else 0)(
+    task = ray.remote(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=cluster.actor_gpus(cfg, "learner"))(
         warmup_format)
     log.info("format warm-up: %d steps at lr %g", cfg.train.format_warmup_steps, cfg.train.format_warmup_lr)
     return ray.get(task.remote(model_path, str(out), records, cfg.train.format_warmup_steps,
@@ -60,15 +68,17 @@ def format_warmup(cfg: Config, model_path: str, records, run_dir: Path) -> str:
 
 def start_actors(cfg: Config, model_path: str) -> Actors:
     placement = cluster.place(cfg)
-    learners = cluster.start_learners(cfg, placement, model_path)
+    # Both groups' rank 0 live on the learner's first bundle; one call gives two distinct ports.
+    addr, (learner_port, sync_port) = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
+    learners = cluster.start_learners(cfg, placement, model_path, addr, learner_port)
     workers = cluster.start_workers(cfg, placement, model_path)
-    world = 1 + cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
-    addr, (port,) = cluster.rendezvous(placement, placement.learner_bundles[0], 1)
+    tp = cfg.rollout.tensor_parallel_size
+    world = 1 + len(workers) * tp
     backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
-    joins = [lr.init_weight_sync.remote(addr, port, world, backend) for lr in learners]
-    joins += [w.init_weight_sync.remote(addr, port, 1 + i * cfg.rollout.tensor_parallel_size, world, backend)
-              for i, w in enumerate(workers)]
-    ray.get(joins)
+    joins = learners.submit("init_weight_sync", addr, sync_port, world, backend)
+    joins += workers.submit_each("init_weight_sync",
+                                 [(addr, sync_port, 1 + i * tp, world, backend) for i in range(len(workers))])
+    joins.wait("joining the weight-sync group")
     return Actors(learners, workers, placement)
 
 
@@ -83,58 +93,43 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-class ActorDiedError(RuntimeError):
-    """An actor of the run died mid-step; the message names which one and what the step was doing."""
-
-
-def gather(futures: list, names: list[str], doing: str) -> list:
-    """ray.get in completion order, so a dead actor is reported at once (its peers may be blocked in a
-    collective waiting for it) and by name instead of a bare Ray traceback."""
-    pending, results = dict(zip(futures, names)), {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for fut in done:
-            name = pending.pop(fut)
-            try:
-                results[fut] = ray.get(fut)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
-                raise ActorDiedError(f"{name} died while {doing}: {exc}") from exc
-    return [results[f] for f in futures]
-
-
-def generate(actors: Actors, records: list, seed: int) -> RolloutBatch:
+def generate(actors: Actors, records: list[MedVQARecord], seed: int) -> RolloutBatch:
+    """G scored samples per record; worker i samples shard i with its own seed, and the shards are
+    joined in the records' order."""
     shards = split_evenly(records, len(actors.workers))
-    live = [(i, w, s) for i, (w, s) in enumerate(zip(actors.workers, shards)) if s]
-    futures = [w.generate.remote(s, seed + i) for i, w, s in live]
-    return RolloutBatch.concat(gather(futures, [f"rollout worker {i}" for i, _, _ in live], "generating"))
+    parts = actors.workers.call_each("generate", [(s, seed + i) if s else None for i, s in enumerate(shards)],
+                                     doing="generating")
+    batch = RolloutBatch.concat(parts)
+    batch.check_records(records)
+    return batch
 
 
-def shard_for_rank(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
+def shard_for_rank(batch: RolloutBatch, records: list[MedVQARecord], rank: int,
+                   world: int) -> tuple[RolloutBatch, list[MedVQARecord]]:
     """Whole groups per rank (prompts rank::world) so each rank computes its own group advantages."""
-    return batch.select_prompts(list(range(rank, len(batch.records), world)))
+    prompts = list(range(rank, batch.num_prompts, world))
+    return batch.select_prompts(prompts), [records[p] for p in prompts]
 
 
-def train(actors: Actors, batch: RolloutBatch) -> dict:
+def train(actors: Actors, batch: RolloutBatch, records: list[MedVQARecord]) -> dict:
     world = len(actors.learners)
-    futures = [lr.train_on.remote(shard_for_rank(batch, r, world)) for r, lr in enumerate(actors.learners)]
-    stats = gather(futures, [f"learner rank {r}" for r in range(world)], "training")
+    stats = actors.learners.call_each("train_on", [shard_for_rank(batch, records, r, world) for r in range(world)],
+                                      doing="training")
     # Ranks report their own shard's numbers; the step's value is their mean.
     return {k: sum(s[k] for s in stats) / world for k in stats[0]}
 
 
 def sync_weights(actors: Actors, version: int) -> None:
-    meta = ray.get(actors.learners[0].weight_update_meta.remote())
-    futures = [lr.push_weights.remote(version) for lr in actors.learners]
-    futures += [w.receive_weights.remote(version, meta) for w in actors.workers]
-    names = [f"learner rank {r}" for r in range(len(actors.learners))]
-    names += [f"rollout worker {i}" for i in range(len(actors.workers))]
-    gather(futures, names, f"syncing weights (version {version})")
+    if actors.update_meta is None:  # fixed for a model: asked for once per run
+        actors.update_meta = actors.learners.call_one(0, "weight_update_meta", doing="describing the weights")
+    calls = actors.learners.submit("push_weights", version)
+    calls += actors.workers.submit("receive_weights", version, actors.update_meta)
+    calls.wait(f"syncing weights (version {version})")
 
 
 def save_policy(actors: Actors, out_dir: Path) -> None:
     """Every rank takes part (ZeRO-3 gathers the parameters); rank 0 writes the HF checkpoint."""
-    futures = [lr.save.remote(str(out_dir)) for lr in actors.learners]
-    gather(futures, [f"learner rank {r}" for r in range(len(futures))], f"saving {out_dir}")
+    actors.learners.call("save", str(out_dir), doing=f"saving {out_dir}")
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict:
@@ -151,12 +146,12 @@ def rollout_metrics(batch: RolloutBatch) -> dict:
     return out
 
 
-def sample_rows(batch: RolloutBatch, count: int) -> list[dict]:
+def sample_rows(batch: RolloutBatch, records: list[MedVQARecord], count: int) -> list[dict]:
     from medvqa.prompt import question_text
 
     rows = []
     for i in range(min(count, batch.num_samples)):
-        rec = batch.record_of(i)
+        rec = records[i // batch.group_size]
         rows.append({"image": rec.load_image(), "prompt": question_text(rec), "completion": batch.completion_texts[i],
                      "reward/total": batch.total_rewards[i], "answer": rec.answer, "modality": rec.modality,
                      "record_id": rec.id, **{f"reward/{k}": v[i] for k, v in batch.rewards.items()}})
@@ -164,11 +159,6 @@ def sample_rows(batch: RolloutBatch, count: int) -> list[dict]:
 
 
 def stop_actors(actors: Actors) -> None:
-    for w in actors.workers:
-        try:
-            ray.get(w.shutdown.remote(), timeout=60)
-        except Exception as exc:  # a worker that already died must not hide the run's own error
-            log.warning("rollout worker shutdown failed: %s", exc)
-    for a in actors.learners + actors.workers:
-        ray.kill(a)
+    actors.workers.shutdown("shutdown")
+    actors.learners.shutdown()
     actors.placement.remove()

@@ -5,8 +5,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import ray
-
 from launcher import cluster
 from launcher.config import Config
 from launcher.data import build_eval_sets
@@ -22,11 +20,8 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
     if not eval_sets:
         raise ValueError(f"no evaluation records of modalities {list(cfg.data.eval_modalities)}")
     cluster.start_ray(cfg)
-    from rollout_workers.worker import RolloutWorker
-
-    gpu = cfg.rollout.tensor_parallel_size if cfg.cluster.device == "gpu" else 0
-    cls = ray.remote(RolloutWorker).options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=gpu)
-    workers = [cls.remote(cfg, checkpoint, i) for i in range(cfg.rollout.num_workers)]
+    placement = cluster.place(cfg, with_learners=False)  # the training placement, without learner bundles
+    workers = cluster.start_workers(cfg, placement, checkpoint)
     try:
         t0 = time.perf_counter()
         results, rows = evaluate_sets(workers, eval_sets, cfg.rollout.max_new_tokens)
@@ -34,6 +29,6 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
                 "seconds": time.perf_counter() - t0}
         write_outputs(out_dir, results, rows, meta)
     finally:
-        for w in workers:
-            ray.kill(w)
+        workers.shutdown("shutdown")
+        placement.remove()
     return {"results": results, "out_dir": str(out_dir)}

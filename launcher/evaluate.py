@@ -4,23 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ray
-
+from launcher.actor_group import ActorGroup
 from medvqa.record import MedVQARecord
 
 
-def greedy_completions(workers: list, records: list[MedVQARecord], max_new_tokens: int) -> list:
-    """(text, num_tokens, finish_reason) per record, the records spread over the workers."""
+def greedy_completions(workers: ActorGroup, records: list[MedVQARecord], max_new_tokens: int) -> list:
+    """(text, num_tokens, finish_reason) per record, the records spread over the workers in order."""
     from launcher.driver import split_evenly
 
-    shards = split_evenly(list(range(len(records))), len(workers))
-    futures = [w.generate_greedy.remote([records[i] for i in idx], max_new_tokens)
-               for w, idx in zip(workers, shards) if idx]
-    out = [None] * len(records)
-    for idx, results in zip([s for s in shards if s], ray.get(futures)):
-        for i, res in zip(idx, results):
-            out[i] = res
-    return out
+    shards = split_evenly(records, len(workers))
+    results = workers.call_each("generate_greedy", [(s, max_new_tokens) if s else None for s in shards],
+                                doing=f"evaluating {len(records)} records")
+    return [res for shard in results for res in shard]
 
 
 def score_record(record: MedVQARecord, text: str, num_tokens: int, finish_reason: str) -> dict:
@@ -41,7 +36,7 @@ def summarize_rows(rows: list[dict]) -> dict:
             "mean_length": sum(r["num_tokens"] for r in rows) / n}
 
 
-def evaluate_sets(workers: list, eval_sets: dict, max_new_tokens: int) -> tuple[dict, list[dict]]:
+def evaluate_sets(workers: ActorGroup, eval_sets: dict, max_new_tokens: int) -> tuple[dict, list[dict]]:
     """({set name: summary}, rows); also an "overall" summary pooling every set, as the paper reports."""
     results, all_rows = {}, []
     for name, records in eval_sets.items():

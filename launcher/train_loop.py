@@ -54,12 +54,12 @@ def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> d
     if eval_sets and (cfg.train.eval_at_end or cfg.train.eval_every):
         evals[0] = _evaluate(cfg, actors, sink, eval_sets, step=0)
     for step in range(1, cfg.train.steps + 1):
-        row, batch = _step(cfg, actors, sampler, step, version)
+        row, batch, records = _step(cfg, actors, sampler, step, version)
         version = row["weight_version"]
         history.append(row)
         sink.log_step(row)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
-            sink.log_samples(step, driver.sample_rows(batch, cfg.logging.num_samples_logged))
+            sink.log_samples(step, driver.sample_rows(batch, records, cfg.logging.num_samples_logged))
         if eval_sets and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             evals[step] = _evaluate(cfg, actors, sink, eval_sets, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
@@ -76,7 +76,7 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int, version: int):
     records = sampler.draw(cfg.rollout.prompts_per_step)
     batch = driver.generate(actors, records, seed=cfg.train.seed * 100_003 + step * 1009)
     t1 = time.perf_counter()
-    stats = driver.train(actors, batch)
+    stats = driver.train(actors, batch, records)
     t2 = time.perf_counter()
     if step % cfg.learner.sync_every == 0:
         version += 1
@@ -87,7 +87,7 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int, version: int):
            "rollout_weight_version": batch.weight_version,
            "time/generate_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
            "throughput/tokens_per_s": tokens / (t3 - t0)}
-    return row, batch
+    return row, batch, records
 
 
 def _evaluate(cfg: Config, actors, sink: MetricsSink, eval_sets: dict, step: int) -> dict:

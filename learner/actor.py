@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator
+from typing import Iterator, TYPE_CHECKING
 
 import torch
 
@@ -17,11 +17,14 @@ from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
-from medvqa.batch import RolloutBatch
+from protocol.batch import RolloutBatch
 from medvqa.record import MedVQARecord
 
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import Config
 
-def _init_process_group(cfg, rank: int, world_size: int, master_addr: str, master_port: int) -> str:
+
+def _init_process_group(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int) -> str:
     """The ranks' own group. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0 on GPU."""
     import deepspeed
 
@@ -45,7 +48,7 @@ def _load_hf_model(model_path: str, dtype: torch.dtype):
 
 
 class LearnerRank:
-    def __init__(self, cfg, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
         import deepspeed
         from medvqa.prompt import load_processor
 
@@ -53,7 +56,7 @@ class LearnerRank:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.backend = _init_process_group(cfg, rank, world_size, master_addr, master_port)
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
-        dtype = ds_config.DTYPES[cfg.learner.precision]
+        dtype = ds_config.torch_dtype(cfg.learner.precision)
         hf = _load_hf_model(model_path, dtype)
         hf.config.use_cache = False
         if cfg.learner.gradient_checkpointing:
@@ -93,18 +96,20 @@ class LearnerRank:
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def train_on(self, batch: RolloutBatch) -> dict[str, float]:
-        """One rollout shard (whole groups): learner.mu optimiser steps, each over all micro-batches."""
+    def train_on(self, batch: RolloutBatch, records: list[MedVQARecord]) -> dict[str, float]:
+        """One rollout shard (whole groups) and its prompts' records, in the batch's order:
+        learner.mu optimiser steps, each over all micro-batches."""
         t0 = time.perf_counter()
-        plan = self._plan(batch)
+        batch.check_records(records)
+        plan = self._plan(batch, records)
         metrics = run_train_step(self.engine, self.reference, plan, self.cfg, self.world_size)
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
 
-    def _plan(self, batch: RolloutBatch) -> StepPlan:
+    def _plan(self, batch: RolloutBatch, records: list[MedVQARecord]) -> StepPlan:
         if batch.num_samples == 0:
             raise ValueError("train_on got an empty rollout shard")
-        prompts = encode_prompts(batch.records, batch.prompt_token_ids, self.processor)
+        prompts = encode_prompts(records, batch.prompt_token_ids, self.processor)
         size, g = self.cfg.learner.micro_batch_size, batch.group_size
         pad = self.processor.tokenizer.pad_token_id or 0
         chunks = [list(range(s, min(s + size, batch.num_samples))) for s in range(0, batch.num_samples, size)]
@@ -153,17 +158,23 @@ class LearnerRank:
 
         self.weight_sender = WeightSender(master_addr, master_port, world_size, backend)
 
-    def weight_update_meta(self):
-        """The WeightUpdateMeta of what `push_weights` sends: HF checkpoint names, dtypes, full
-        shapes, in order. Read from the parameters' descriptions, no gather needed."""
-        from medvqa.weight_update import WeightUpdateMeta, dtype_name
+    def weight_update_meta(self) -> dict:
+        """The description of what `push_weights` sends (HF checkpoint names, dtypes, full shapes, in
+        order) in its wire form, the plain dict every receiver is handed unchanged. Read from the
+        parameters' descriptions, no gather needed."""
+        return self._meta().to_dict()
 
-        names, dtypes, shapes = [], [], []
-        for name, p in self.hf_model.named_parameters():
-            names.append(self.param_names[name])
-            dtypes.append(dtype_name(p.dtype))
-            shapes.append(tuple(p.ds_shape) if zero_params.is_partitioned(p) else tuple(p.shape))
-        return WeightUpdateMeta(tuple(names), tuple(dtypes), shapes=tuple(shapes))
+    def _meta(self):
+        from protocol.weight_update import WeightUpdateMeta, dtype_name
+
+        if self._update_meta is None:
+            names, dtypes, shapes = [], [], []
+            for name, p in self.hf_model.named_parameters():
+                names.append(self.param_names[name])
+                dtypes.append(dtype_name(p.dtype))
+                shapes.append(tuple(p.ds_shape) if zero_params.is_partitioned(p) else tuple(p.shape))
+            self._update_meta = WeightUpdateMeta(tuple(names), tuple(dtypes), shapes=tuple(shapes))
+        return self._update_meta
 
     def push_weights(self, version: int) -> None:
         """Gather the full parameters (every rank takes part under ZeRO-3) and let rank 0 send them.
@@ -175,6 +186,4 @@ class LearnerRank:
             return
         if self.weight_sender is None:
             raise RuntimeError("push_weights before init_weight_sync on learner rank 0")
-        if self._update_meta is None:
-            self._update_meta = self.weight_update_meta()
-        self.weight_sender.send(pairs, version, meta=self._update_meta)
+        self.weight_sender.send(pairs, version, meta=self._meta())

@@ -2,25 +2,36 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TYPE_CHECKING
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import Config
+
+from protocol.choices import PRECISION_DTYPES
+
+ZERO_STAGES = (0, 1, 2, 3)
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
-def samples_per_rank(cfg) -> int:
+def torch_dtype(precision: str) -> torch.dtype:
+    """The learner's parameter dtype for `learner.precision`."""
+    return getattr(torch, PRECISION_DTYPES[precision])
+
+
+def samples_per_rank(cfg: Config) -> int:
     """This rank's share of one rollout batch: whole groups, the prompts split evenly over ranks."""
     prompts = cfg.rollout.prompts_per_step // cfg.learner.num_ranks
     return max(1, prompts) * cfg.rollout.group_size
 
 
-def micro_batches_per_step(cfg) -> int:
+def micro_batches_per_step(cfg: Config) -> int:
     """Gradient-accumulation steps so that one optimiser step consumes this rank's whole share."""
     return math.ceil(samples_per_rank(cfg) / cfg.learner.micro_batch_size)
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The engine config of the trained policy (ZeRO stage, precision, clipping, batch geometry)."""
     lc = cfg.learner
     accumulation = micro_batches_per_step(cfg)
@@ -44,7 +55,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     }
 
 
-def reference_config(cfg) -> dict:
+def reference_config(cfg: Config) -> dict:
     """An optimiser-less ZeRO-3 engine for the frozen reference: partitioned like the policy."""
     lc = cfg.learner
     return {
@@ -56,7 +67,7 @@ def reference_config(cfg) -> dict:
     }
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     lc = cfg.learner
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
@@ -69,7 +80,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
     Warmup starts at 1/warmup rather than 0 so that the first step is not wasted.
     """
-    if schedule not in ("constant", "cosine", "linear"):
+    if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r} (learner.lr_schedule)")
 
     def factor(k: int) -> float:
@@ -85,7 +96,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     """One scheduler step per optimiser step; a run makes train.steps * learner.mu of them."""
     total = max(1, cfg.train.steps * cfg.learner.mu)
     return torch.optim.lr_scheduler.LambdaLR(

@@ -7,7 +7,7 @@ is exactly the aggregated loss of the whole step's batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,10 @@ import torch.distributed as dist
 from learner.grpo import entropy_from_logits, group_advantages, grpo_loss, token_logprobs
 from learner.model_inputs import EncodedPrompt, SampleBatch
 from learner.policy import batch_kwargs
-from medvqa.batch import RolloutBatch
+from protocol.batch import RolloutBatch
+
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import Config
 
 # grpo_loss statistics averaged over tokens into the step's metrics.
 _TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean")
@@ -31,7 +34,7 @@ class StepPlan:
     freeze_vision: bool
 
 
-def _temperature(cfg) -> float:
+def _temperature(cfg: Config) -> float:
     # A greedy rollout (temperature 0) has no sampling distribution to correct for; score at 1.
     t = cfg.rollout.temperature
     return t if t > 0 else 1.0
@@ -108,7 +111,7 @@ def _sampling_logprobs(plan: StepPlan, m: int, like: torch.Tensor) -> torch.Tens
         values = plan.batch.sampling_logprobs[i]
         cols = mb.completion_mask[row, mb.min_prompt_len:].nonzero().flatten()
         if len(values) != len(cols):
-            raise ValueError(f"sample {i} (record {plan.batch.record_of(i).id!r}): {len(values)} sampling "
+            raise ValueError(f"sample {i} (record {plan.batch.record_id_of(i)!r}): {len(values)} sampling "
                              f"logprobs for {len(cols)} completion tokens")
         out[row, cols.to(out.device)] = torch.tensor(values, dtype=out.dtype, device=out.device)
     return out
@@ -149,7 +152,7 @@ class _PassInputs:
     world_size: int
 
 
-def run_train_step(engine, reference, plan: StepPlan, cfg, world_size: int) -> dict[str, float]:
+def run_train_step(engine, reference, plan: StepPlan, cfg: Config, world_size: int) -> dict[str, float]:
     """learner.mu optimiser steps over the plan's micro-batches; returns the step's metrics.
 
     Every metric is of the whole step over all ranks (each rank returns the same numbers), so
@@ -174,7 +177,7 @@ def run_train_step(engine, reference, plan: StepPlan, cfg, world_size: int) -> d
     return metrics
 
 
-def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg) -> dict:
+def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
     """Forward/backward over every micro-batch, then one optimiser step."""
     g, last = cfg.grpo, len(plan.micro_batches) - 1
     lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())

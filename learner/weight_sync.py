@@ -2,7 +2,7 @@
 
 The learner is rank 0 of a process group of its own (not DeepSpeed's); each vLLM worker process
 of each rollout engine joins at its own rank. With gloo (CPU) the wire format is the one in
-`medvqa.weight_update`: tensors packed into buckets that both ends cut from the same
+`protocol.weight_update`: tensors packed into buckets that both ends cut from the same
 `WeightUpdateMeta`, each preceded by a header that carries the version and a fingerprint, so a
 mismatch is an error naming a parameter instead of a hang or silently wrong weights. With NCCL
 (GPU) the receivers run vLLM's built-in `nccl` engine, so this end speaks its packed format
@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from medvqa import weight_update as wu
+from protocol import weight_update as wu
 
 log = logging.getLogger(__name__)
 

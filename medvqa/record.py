@@ -8,8 +8,9 @@ from typing import Union
 
 from PIL import Image
 
+from protocol.choices import LETTERS
+
 MODALITIES = ("MRI", "CT", "X-ray")
-LETTERS = "ABCDEFGHIJ"
 
 # An image is either already in memory (synthetic scans, rows of a Hugging Face data set)
 # or a path that is opened only when a prompt is built, so large data sets stay cheap.

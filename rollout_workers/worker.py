@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import rewards
-from medvqa.batch import RolloutBatch
+from protocol.batch import RolloutBatch
 from medvqa.prompt import load_processor, render_prompt
 from medvqa.record import MedVQARecord, RecordError
-from medvqa.weight_update import WeightSyncError, WeightUpdateMeta
+from protocol.weight_update import WeightSyncError
 from rollout_workers import engine as eng
+
+if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
+    from launcher.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,7 +31,7 @@ class RolloutWorkerError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, cfg, model_path: str, worker_index: int = 0):
+    def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
         self.cfg, self.index, self.model_path = cfg, worker_index, model_path
         self.backend = eng.sync_backend(cfg)
         self._version = 0
@@ -72,7 +75,7 @@ class RolloutWorker:
                 for name, value in parts.items():
                     scores[name].append(value)
                 totals.append(total)
-        return RolloutBatch(records=records, group_size=g, prompt_token_ids=[list(o.prompt_token_ids) for o in outs],
+        return RolloutBatch(record_ids=[r.id for r in records], group_size=g, prompt_token_ids=[list(o.prompt_token_ids) for o in outs],
                             completion_token_ids=comp_ids, completion_texts=texts, sampling_logprobs=logprobs,
                             rewards=scores, total_rewards=totals, finish_reasons=finish,
                             weight_version=self._version)
@@ -131,10 +134,12 @@ class RolloutWorker:
         self._run("joining the weight-sync group",
                   lambda: self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info}))
 
-    def receive_weights(self, version: int, update_meta: Union[WeightUpdateMeta, dict]) -> int:
-        """Receive update `version` (blocking until it is loaded), then report it in every batch."""
-        meta = update_meta if isinstance(update_meta, WeightUpdateMeta) else WeightUpdateMeta.from_dict(update_meta)
-        info = meta.to_dict()
+    def receive_weights(self, version: int, update_meta: dict) -> int:
+        """Receive update `version` (blocking until it is loaded), then report it in every batch.
+
+        `update_meta` is the learner's description in wire form (`WeightUpdateMeta.to_dict()`); it is
+        passed on to the engine unchanged, which parses it once."""
+        info = dict(update_meta)
         if self.backend == "gloo":
             info["version"] = int(version)
         start = time.perf_counter()

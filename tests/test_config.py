@@ -75,3 +75,20 @@ def test_paper_config_carries_the_published_recipe():
     assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.model.max_pixels) == (4, 512, 401408)
     assert (cfg.learner.zero_stage, cfg.learner.lr, cfg.grpo.beta, cfg.grpo.eps) == (3, 1e-6, 0.04, 1e-4)
     assert cfg.data.num_train == 600 and cfg.data.train_modalities == ["MRI"]
+
+
+@pytest.mark.parametrize("override, module, name", [
+    ("learner.lr_schedule=step", "learner.ds_config", "LR_SCHEDULES"),
+    ("grpo.loss_agg=sum", "learner.grpo", "LOSS_AGGREGATIONS"),
+    ("cluster.sync_backend=mpi", "protocol.weight_update", "SYNC_BACKENDS"),
+    ("learner.precision=fp8", "protocol.choices", "PRECISIONS"),
+    ("cluster.device=tpu", "protocol.choices", "DEVICES"),
+    ("data.source=dicom", "medvqa.loaders", "SOURCES"),
+])
+def test_allowed_values_come_from_where_they_are_implemented(override, module, name):
+    import importlib
+
+    allowed = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert all(str(v) in str(err.value) for v in allowed), (str(err.value), allowed)

@@ -29,8 +29,8 @@ def ray_session():
 
 
 def _logprobs(actors, record, prompt_ids, completion_ids):
-    learner = ray.get(actors.learners[0].completion_logprobs.remote(record, prompt_ids, completion_ids))
-    worker = ray.get(actors.workers[0].completion_logprobs.remote(record, completion_ids))
+    learner = actors.learners.call_one(0, "completion_logprobs", record, prompt_ids, completion_ids, doing="scoring")
+    worker = actors.workers.call_one(0, "completion_logprobs", record, completion_ids, doing="scoring")
     return learner, worker
 
 
@@ -46,20 +46,20 @@ def test_weight_sync_is_exact_after_a_zero2_step(tiny_model_dir, tmp_path, ray_s
         assert batch.weight_version == 0 and batch.num_samples == 16
         tok = AutoTokenizer.from_pretrained(tiny_model_dir)
         fixed = tok(FIXED_COMPLETION, add_special_tokens=False)["input_ids"]
-        record, prompt_ids = batch.records[0], batch.prompt_token_ids[0]
+        record, prompt_ids = train_records[0], batch.prompt_token_ids[0]
         learner_before, worker_before = _logprobs(actors, record, prompt_ids, fixed)
         assert worker_before == pytest.approx(learner_before, abs=1e-4)
 
         # A random model earns no reward, so every advantage would be 0; set rewards by hand so the step moves.
         batch.total_rewards = [float(i % 2) for i in range(batch.num_samples)]
-        stats = driver.train(actors, batch)
+        stats = driver.train(actors, batch, train_records[:4])
         assert stats["grad_norm"] > 0 and stats["loss"] == stats["loss"]  # finite, not NaN
         driver.sync_weights(actors, version=1)
 
         learner_after, worker_after = _logprobs(actors, record, prompt_ids, fixed)
         assert worker_after == pytest.approx(learner_after, abs=1e-4)  # the engine holds the learner's weights
         assert max(abs(a - b) for a, b in zip(worker_after, worker_before)) > 1e-3  # and they really changed
-        assert ray.get(actors.workers[0].weight_version.remote()) == 1
+        assert actors.workers.call("weight_version", doing="asking") == [1]
         assert driver.generate(actors, train_records[4:8], seed=2).weight_version == 1
     finally:
         driver.stop_actors(actors)

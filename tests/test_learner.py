@@ -12,7 +12,7 @@ from launcher.config import load_config
 from learner.ds_config import lr_lambda
 from learner.model_inputs import PromptMismatchError, collate_samples, encode_prompts
 from learner.policy import PolicyModule, batch_kwargs
-from medvqa.batch import RolloutBatch
+from protocol.batch import RolloutBatch
 from medvqa.prompt import load_processor, render_prompt
 from medvqa.synthetic import make_synthetic_split
 
@@ -66,7 +66,7 @@ def _batch(records, processor, sampling_logprobs=None) -> RolloutBatch:
     comps = [_completion(processor, t) for _ in records for t in TEXTS]
     rewards = [r for _ in records for r in REWARDS]
     return RolloutBatch(
-        records=list(records), group_size=g, prompt_token_ids=[_prompt_ids(r, processor) for r in records],
+        record_ids=[r.id for r in records], group_size=g, prompt_token_ids=[_prompt_ids(r, processor) for r in records],
         completion_token_ids=comps, completion_texts=[t for _ in records for t in TEXTS],
         sampling_logprobs=sampling_logprobs or [[-1.0] * len(c) for c in comps],
         rewards={"format": rewards}, total_rewards=rewards, finish_reasons=["stop"] * len(comps), weight_version=0)
@@ -183,9 +183,9 @@ def _rank(model_dir, port, *overrides):
     return LearnerRank(_cfg(model_dir, *overrides), model_dir, 0, 1, "127.0.0.1", port)
 
 
-def _all_logprobs(rank, batch) -> list[list[float]]:
+def _all_logprobs(rank, batch, records) -> list[list[float]]:
     g = batch.group_size
-    return [rank.completion_logprobs(batch.records[i // g], batch.prompt_token_ids[i // g], c)
+    return [rank.completion_logprobs(records[i // g], batch.prompt_token_ids[i // g], c)
             for i, c in enumerate(batch.completion_token_ids)]
 
 
@@ -197,11 +197,11 @@ def trained(tiny_model_dir, port, records, processor):
     for stage in (2, 3):
         rank = _rank(tiny_model_dir, port, f"learner.zero_stage={stage}")
         batch = _batch(records, processor)
-        run = {"rank": rank, "checksum0": rank.weights_checksum(), "before": _all_logprobs(rank, batch)}
-        run["metrics"] = [rank.train_on(batch) for _ in range(3)]
-        shifted = [[x - 0.25 for x in row] for row in _all_logprobs(rank, batch)]
-        run["metrics"].append(rank.train_on(_batch(records, processor, sampling_logprobs=shifted)))
-        run["after"], run["checksum1"] = _all_logprobs(rank, batch), rank.weights_checksum()
+        run = {"rank": rank, "checksum0": rank.weights_checksum(), "before": _all_logprobs(rank, batch, records)}
+        run["metrics"] = [rank.train_on(batch, records) for _ in range(3)]
+        shifted = [[x - 0.25 for x in row] for row in _all_logprobs(rank, batch, records)]
+        run["metrics"].append(rank.train_on(_batch(records, processor, sampling_logprobs=shifted), records))
+        run["after"], run["checksum1"] = _all_logprobs(rank, batch, records), rank.weights_checksum()
         out[stage] = run
     return out
 
@@ -257,7 +257,7 @@ def test_zero3_save_reload_and_sync_tensors(trained, tmp_path, records, processo
     proc = load_processor(out, rank.cfg.model.min_pixels, rank.cfg.model.max_pixels)
     assert _prompt_ids(records[1], proc) == _prompt_ids(records[1], processor)
     batch = _batch(records, processor)
-    prompts = encode_prompts(batch.records, batch.prompt_token_ids, proc)
+    prompts = encode_prompts(records, batch.prompt_token_ids, proc)
     again = _policy_logprobs(reloaded, prompts, [i // 4 for i in range(8)], batch.completion_token_ids,
                              proc.tokenizer.pad_token_id)
     for new, old in zip(again, trained[3]["after"]):
@@ -268,8 +268,9 @@ def test_zero3_save_reload_and_sync_tensors(trained, tmp_path, records, processo
     assert set(sent) == set(on_disk) and "visual.patch_embed.proj.weight" in sent
     for name, t in sent.items():
         assert torch.equal(t, on_disk[name]), name
-    meta = rank.weight_update_meta()
-    assert list(meta.names) == list(sent) and [list(s) for s in meta.shapes] == [list(t.shape) for t in sent.values()]
+    meta = rank.weight_update_meta()  # the wire form: plain lists, as the engines receive it
+    assert meta["names"] == list(sent) and meta["shapes"] == [list(t.shape) for t in sent.values()]
+    assert meta["dtype_names"] == ["float32"] * len(sent)
 
 
 @pytest.mark.parametrize("stage,agg,checkpointing", [
@@ -285,8 +286,8 @@ def test_accumulation_equals_one_big_micro_batch(tiny_model_dir, port, records, 
                      f"learner.micro_batch_size={micro}", "grpo.beta=0.0", "learner.grad_clip=0",
                      f"learner.gradient_checkpointing={str(checkpointing and micro == 3).lower()}")
         assert rank.hf_model.training and rank.hf_model.is_gradient_checkpointing == (checkpointing and micro == 3)
-        m = rank.train_on(batch)
-        results.append((m, _all_logprobs(rank, batch)))
+        m = rank.train_on(batch, records)
+        results.append((m, _all_logprobs(rank, batch, records)))
     (m8, lp8), (m3, lp3) = results
     assert m3["grad_norm"] > 0.1 and m3["grad_norm"] == pytest.approx(m8["grad_norm"], rel=1e-5)
     assert m3["loss"] == pytest.approx(m8["loss"], abs=1e-6)
@@ -302,7 +303,7 @@ def test_two_passes_with_a_frozen_vision_tower(tiny_model_dir, port, records, pr
                  "learner.lr_schedule=linear", "train.steps=2", "learner.lr=1e-2")
     hf = rank.hf_model
     vision0, text0 = weights_checksum(hf.model.visual), weights_checksum(hf.model.language_model)
-    m = rank.train_on(_batch(records, processor))
+    m = rank.train_on(_batch(records, processor), records)
     assert m["lr"] == pytest.approx(1e-2 * (1.0 + 0.75) / 2)  # steps 0 and 1 of 4 on the linear schedule
     assert rank.engine.get_lr()[0] == pytest.approx(0.5e-2)
     assert abs(m["ratio_mean"] - 1.0) > 1e-4 and m["clip_fraction"] > 0  # the second pass is off-policy

@@ -56,7 +56,7 @@ def batch(worker, records):
 @pytest.mark.slow
 def test_batch_shapes_and_version(batch, records):
     assert batch.group_size == G and batch.num_samples == len(records) * G
-    assert [r.id for r in batch.records] == [r.id for r in records]
+    assert batch.record_ids == [r.id for r in records]
     assert len(batch.prompt_token_ids) == len(records)
     assert batch.weight_version == 0
     assert set(batch.rewards) == set(make_cfg().rewards.weights)
@@ -89,16 +89,16 @@ def test_logprobs_finish_reasons_and_texts(batch, tiny_model_dir):
             assert ids[-1] in (tok.eos_token_id, tok.pad_token_id)
         assert text == tok.decode(ids, skip_special_tokens=True)
     # G independent draws per prompt: a group of identical samples would mean shared seeds.
-    for p in range(len(batch.records)):
+    for p in range(batch.num_prompts):
         group = [tuple(c) for c in batch.completion_token_ids[p * G:(p + 1) * G]]
         assert len(set(group)) == G
 
 
 @pytest.mark.slow
-def test_rewards_are_rewards_score_of_the_texts(batch):
+def test_rewards_are_rewards_score_of_the_texts(batch, records):
     weights = make_cfg().rewards.weights
     for i, text in enumerate(batch.completion_texts):
-        record = batch.record_of(i)
+        record = records[i // G]
         parts, total = rewards.score(text, record.answer, record.options, weights)
         assert {k: batch.rewards[k][i] for k in parts} == parts
         assert batch.total_rewards[i] == total
@@ -114,10 +114,10 @@ def test_same_seed_same_samples_other_seed_other_samples(worker, records, batch)
 
 
 @pytest.mark.slow
-def test_sampling_logprobs_equal_the_engines_scoring_of_the_same_tokens(worker, batch):
+def test_sampling_logprobs_equal_the_engines_scoring_of_the_same_tokens(worker, batch, records):
     # At temperature 1 and top_p 1 the sampling distribution is the model's own.
     for i in (0, G + 1):
-        scored = worker.completion_logprobs(batch.record_of(i), batch.completion_token_ids[i])
+        scored = worker.completion_logprobs(records[i // G], batch.completion_token_ids[i])
         assert len(scored) == len(batch.sampling_logprobs[i])
         assert max(abs(a - b) for a, b in zip(scored, batch.sampling_logprobs[i])) < 1e-4
 

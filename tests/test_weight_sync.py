@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvqa import weight_update as wu
+from protocol import weight_update as wu
 
 ATOL = 1e-4
 
@@ -172,7 +172,7 @@ def sync(actors, sender, named, version: int) -> float:
 
     meta = wu.WeightUpdateMeta.from_tensors(named)
     start = time.perf_counter()
-    pending = [a.receive_weights.remote(version, meta) for a in actors]
+    pending = [a.receive_weights.remote(version, meta.to_dict()) for a in actors]
     sender.send(named, version, meta)
     assert ray.get(pending) == [version] * len(actors)
     return time.perf_counter() - start
@@ -264,7 +264,7 @@ def test_a_failed_update_leaves_the_workers_refusing_work(ray_workers, tiny_mode
     named = list(load_file(str(Path(tiny_model_dir) / "model.safetensors")).items())
     meta = wu.WeightUpdateMeta.from_tensors(named)
     named[-1] = (named[-1][0], named[-1][1][:1])  # the last tensor arrives cut short
-    pending = [a.receive_weights.remote(3, meta) for a in ray_workers]
+    pending = [a.receive_weights.remote(3, meta.to_dict()) for a in ray_workers]
     with pytest.raises(wu.WeightSyncError, match=named[-1][0].replace(".", r"\.")):
         sender.send(named, 3, meta)
     record = make_synthetic_split("MRI", "test", 1, seed=3)[0]

@@ -36,12 +36,16 @@ class WeightSyncError(RuntimeError):
     """A weight update that cannot proceed; the message names the parameter, bucket or version."""
 
 
+# cluster.sync_backend: `auto` is NCCL on GPU and gloo on CPU.
+SYNC_BACKENDS = ("auto", "nccl", "gloo")
+
+
 def resolve_backend(sync_backend: str, device: str) -> str:
-    """The transport for weight sync: `auto` is NCCL on GPU and gloo on CPU."""
+    """The transport for weight sync."""
     if sync_backend == "auto":
         return "nccl" if device == "gpu" else "gloo"
-    if sync_backend not in ("nccl", "gloo"):
-        raise ValueError(f"cluster.sync_backend must be auto, nccl or gloo, got {sync_backend!r}")
+    if sync_backend not in SYNC_BACKENDS:
+        raise ValueError(f"cluster.sync_backend must be one of {', '.join(SYNC_BACKENDS)}, got {sync_backend!r}")
     return sync_backend
 
 

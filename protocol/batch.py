@@ -1,17 +1,17 @@
-"""The rollout batch: what crosses from the rollout workers to the learner, defined once.
+"""The rollout batch: what crosses from the rollout workers to the driver and the learner, defined once.
 
-Samples are laid out group by group: sample ``i`` answers prompt ``i // group_size``.
+Samples are laid out group by group: sample ``i`` answers prompt ``i // group_size``. A batch names
+its prompts by record id only; the records themselves (with their images) travel once per hop, from
+the driver to the workers and from the driver to the learner ranks.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from medvqa.record import MedVQARecord
-
 
 @dataclasses.dataclass
 class RolloutBatch:
-    records: list[MedVQARecord]  # one per prompt
+    record_ids: list[str]  # one per prompt, in the order the prompts were given
     group_size: int  # G completions per prompt
     prompt_token_ids: list[list[int]]  # per prompt, as the engine saw it (image tokens expanded)
     completion_token_ids: list[list[int]]  # per sample
@@ -23,7 +23,7 @@ class RolloutBatch:
     weight_version: int  # version of the policy weights that generated every sample
 
     def __post_init__(self):
-        n = len(self.records) * self.group_size
+        n = len(self.record_ids) * self.group_size
         per_sample = {
             "completion_token_ids": self.completion_token_ids,
             "completion_texts": self.completion_texts,
@@ -35,16 +35,31 @@ class RolloutBatch:
         for name, values in per_sample.items():
             if len(values) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(values)} entries, expected {n} "
-                                 f"({len(self.records)} prompts x group {self.group_size})")
-        if len(self.prompt_token_ids) != len(self.records):
+                                 f"({len(self.record_ids)} prompts x group {self.group_size})")
+        if len(self.prompt_token_ids) != len(self.record_ids):
             raise ValueError("RolloutBatch.prompt_token_ids needs one entry per prompt")
 
     @property
     def num_samples(self) -> int:
-        return len(self.records) * self.group_size
+        return len(self.record_ids) * self.group_size
 
-    def record_of(self, sample: int) -> MedVQARecord:
-        return self.records[sample // self.group_size]
+    @property
+    def num_prompts(self) -> int:
+        return len(self.record_ids)
+
+    def record_id_of(self, sample: int) -> str:
+        return self.record_ids[sample // self.group_size]
+
+    def check_records(self, records: list) -> None:
+        """Fail naming the first mismatch when `records` are not this batch's prompts, in order."""
+        ids = [r.id for r in records]
+        if ids != self.record_ids:
+            where = next((i for i, (a, b) in enumerate(zip(ids, self.record_ids)) if a != b), min(len(ids),
+                                                                                                len(self.record_ids)))
+            got = ids[where] if where < len(ids) else "nothing"
+            want = self.record_ids[where] if where < len(self.record_ids) else "nothing"
+            raise ValueError(f"rollout batch and its records differ at prompt {where}: batch has record "
+                             f"{want!r}, records give {got!r} ({len(self.record_ids)} vs {len(ids)} prompts)")
 
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
@@ -57,7 +72,7 @@ class RolloutBatch:
             raise ValueError(f"rollout shards come from different weight versions {sorted(versions)}")
         cat = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
         return RolloutBatch(
-            records=cat("records"), group_size=first.group_size,
+            record_ids=cat("record_ids"), group_size=first.group_size,
             prompt_token_ids=cat("prompt_token_ids"), completion_token_ids=cat("completion_token_ids"),
             completion_texts=cat("completion_texts"), sampling_logprobs=cat("sampling_logprobs"),
             rewards={k: [x for b in batches for x in b.rewards[k]] for k in first.rewards},
@@ -71,7 +86,7 @@ class RolloutBatch:
         samples = [p * g + j for p in prompts for j in range(g)]
         pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
         return RolloutBatch(
-            records=pick(self.records, prompts), group_size=g,
+            record_ids=pick(self.record_ids, prompts), group_size=g,
             prompt_token_ids=pick(self.prompt_token_ids, prompts),
             completion_token_ids=pick(self.completion_token_ids, samples),
             completion_texts=pick(self.completion_texts, samples),
