@@ -1,13 +1,15 @@
 """One handle for fanning out to a set of Ray actors of one kind (learner ranks, rollout workers).
 
-Every remote call of the driver goes through here, so every failure looks the same: a dead actor
-becomes an `ActorDiedError` naming the actor and what the step was doing, as soon as it dies (its
-peers may still be blocked in a collective waiting for it).
+Every remote call of the driver goes through here, so every failure looks the same: an `ActorFailure`
+naming the actor, its kind and index, and what the step was doing. A dead actor is reported as soon as
+it dies (its peers may still be blocked in a collective waiting for it); a call past its deadline is a
+failure too, so a stuck actor cannot hang the run.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Optional, Sequence
 
 import ray
@@ -15,36 +17,76 @@ import ray
 log = logging.getLogger(__name__)
 
 
-class ActorDiedError(RuntimeError):
-    """An actor of the run died mid-step; the message names which one and what the step was doing."""
+class ActorFailure(RuntimeError):
+    """A call to one actor of the run failed; `kind` and `index` say which actor."""
+
+    def __init__(self, message: str, kind: str, index: int):
+        super().__init__(message)
+        self.kind, self.index = kind, index
+
+
+class ActorDiedError(ActorFailure):
+    """The actor's process died mid-call."""
+
+
+class ActorTimeoutError(ActorFailure):
+    """The call did not return within its deadline (the actor or something it waits on is stuck)."""
+
+
+class ActorCallError(ActorFailure):
+    """The actor is alive but its method raised; the message carries the actor's own error."""
 
 
 @dataclasses.dataclass
 class Calls:
-    """Submitted remote calls and the name of the actor behind each."""
+    """Submitted remote calls: the kind and index of the actor behind each."""
 
     futures: list
-    names: list[str]
+    kinds: list[str]
+    indices: list[int]
 
     def __add__(self, other: "Calls") -> "Calls":
-        return Calls(self.futures + other.futures, self.names + other.names)
+        return Calls(self.futures + other.futures, self.kinds + other.kinds, self.indices + other.indices)
 
-    def wait(self, doing: str) -> list:
-        return gather(self.futures, self.names, doing)
+    def wait(self, doing: str, timeout_s: Optional[float] = None) -> list:
+        """Results in submission order; the first failure (in completion order) is raised at once."""
+        results = self.settle(doing, timeout_s, fail_fast=True)
+        return results
 
+    def settle(self, doing: str, timeout_s: Optional[float] = None, fail_fast: bool = False) -> list:
+        """Each call's result, or its `ActorFailure` in its place (raised instead when `fail_fast`).
+        Calls still running at the deadline become `ActorTimeoutError`s; they are not cancelled."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending, results = {f: i for i, f in enumerate(self.futures)}, [None] * len(self.futures)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not done:
+                for f, i in pending.items():
+                    results[i] = self._failure(ActorTimeoutError, i, f"did not finish {doing} within {timeout_s:.0f} s")
+                break
+            for fut in done:
+                i = pending.pop(fut)
+                results[i] = self._result(fut, i, doing)
+                if fail_fast and isinstance(results[i], ActorFailure):
+                    raise results[i]
+        if fail_fast:
+            for r in results:
+                if isinstance(r, ActorFailure):
+                    raise r
+        return results
 
-def gather(futures: list, names: list[str], doing: str) -> list:
-    """ray.get in completion order, results in submission order; a dead actor is named at once."""
-    pending, results = dict(zip(futures, names)), {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for fut in done:
-            name = pending.pop(fut)
-            try:
-                results[fut] = ray.get(fut)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
-                raise ActorDiedError(f"{name} died while {doing}: {exc}") from exc
-    return [results[f] for f in futures]
+    def _failure(self, cls, i: int, what: str) -> ActorFailure:
+        return cls(f"{self.kinds[i]} {self.indices[i]} {what}", self.kinds[i], self.indices[i])
+
+    def _result(self, fut, i: int, doing: str):
+        try:
+            return ray.get(fut)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+            return self._failure(ActorDiedError, i, f"died while {doing}: {exc}")
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            return self._failure(ActorCallError, i, f"failed while {doing}: {type(cause).__name__}: {cause}")
 
 
 class ActorGroup:
@@ -61,33 +103,31 @@ class ActorGroup:
 
     def submit(self, method: str, *args: Any, only: Optional[Sequence[int]] = None, **kwargs: Any) -> Calls:
         """The same call on every actor (or on the indices in `only`), not yet waited for."""
-        idx = range(len(self.actors)) if only is None else only
-        return Calls([getattr(self.actors[i], method).remote(*args, **kwargs) for i in idx],
-                     [self.name(i) for i in idx])
+        idx = list(range(len(self.actors)) if only is None else only)
+        return Calls([getattr(self.actors[i], method).remote(*args, **kwargs) for i in idx], [self.kind] * len(idx), idx)
 
     def submit_each(self, method: str, args_per_actor: Sequence[Optional[tuple]]) -> Calls:
         """Actor i gets `args_per_actor[i]`; an entry of None skips that actor."""
         pairs = [(i, a) for i, a in enumerate(args_per_actor) if a is not None]
-        return Calls([getattr(self.actors[i], method).remote(*a) for i, a in pairs], [self.name(i) for i, _ in pairs])
+        return Calls([getattr(self.actors[i], method).remote(*a) for i, a in pairs], [self.kind] * len(pairs),
+                     [i for i, _ in pairs])
 
-    def call(self, method: str, *args: Any, doing: str, **kwargs: Any) -> list:
-        return self.submit(method, *args, **kwargs).wait(doing)
+    def call(self, method: str, *args: Any, doing: str, timeout_s: Optional[float] = None, **kwargs: Any) -> list:
+        return self.submit(method, *args, **kwargs).wait(doing, timeout_s)
 
-    def call_each(self, method: str, args_per_actor: Sequence[Optional[tuple]], doing: str) -> list:
-        return self.submit_each(method, args_per_actor).wait(doing)
+    def call_each(self, method: str, args_per_actor: Sequence[Optional[tuple]], doing: str,
+                  timeout_s: Optional[float] = None) -> list:
+        return self.submit_each(method, args_per_actor).wait(doing, timeout_s)
 
-    def call_one(self, index: int, method: str, *args: Any, doing: str) -> Any:
-        return self.submit(method, *args, only=[index]).wait(doing)[0]
+    def call_one(self, index: int, method: str, *args: Any, doing: str, timeout_s: Optional[float] = None) -> Any:
+        return self.submit(method, *args, only=[index]).wait(doing, timeout_s)[0]
 
     def shutdown(self, method: Optional[str] = None, timeout_s: float = 60) -> None:
         """Best effort: call `method` on each live actor (bounded wait), then kill them all. An actor
         that already died must not hide the run's own error, so failures are only logged."""
         if method is not None:
-            calls = self.submit(method)
-            for fut, name in zip(calls.futures, calls.names):
-                try:
-                    ray.get(fut, timeout=timeout_s)
-                except Exception as exc:
-                    log.warning("%s: %s failed: %s", name, method, exc)
+            for failure in self.submit(method).settle(f"calling {method}", timeout_s):
+                if isinstance(failure, ActorFailure):
+                    log.warning("%s", failure)
         for actor in self.actors:
             ray.kill(actor)

@@ -122,13 +122,35 @@ def start_learners(cfg: Config, placement: Placement, model_path: str, addr: str
     ])
 
 
-def start_workers(cfg: Config, placement: Placement, model_path: str) -> ActorGroup:
+def start_worker(cfg: Config, placement: Placement, model_path: str, index: int, bundle: int):
+    """One rollout worker actor in `bundle` (a replacement goes into its predecessor's bundle)."""
     from rollout_workers.worker import RolloutWorker
 
-    cls = ray.remote(RolloutWorker)
-    return ActorGroup("rollout worker", [
-        cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "worker"),
-                    scheduling_strategy=placement.strategy(b))
-        .remote(cfg, model_path, i)
-        for i, b in enumerate(placement.worker_bundles)
-    ])
+    return (ray.remote(RolloutWorker)
+            .options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "worker"),
+                     scheduling_strategy=placement.strategy(bundle))
+            .remote(cfg, model_path, index))
+
+
+def start_workers(cfg: Config, placement: Placement, model_path: str) -> ActorGroup:
+    return ActorGroup("rollout worker", [start_worker(cfg, placement, model_path, i, b)
+                                         for i, b in enumerate(placement.worker_bundles)])
+
+
+@ray.remote(num_cpus=0)
+def kill_process_tree(pid: int) -> int:
+    """SIGKILL `pid` and every process below it (run on their node); returns how many were killed."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return len(procs)

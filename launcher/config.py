@@ -58,6 +58,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (GPU profile)
     kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
+    timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
 
 
 @dataclass
@@ -102,6 +103,9 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the held-out sets every N steps (0: only at the end)
     eval_at_end: bool = True  # evaluate the final policy on the held-out sets
     save_every: int = 0  # save the policy (HF format, no optimiser state) every N steps (0: only the final one)
+    checkpoint_every: int = 0  # full checkpoint (learner, optimiser, sampler, RNG) every N steps and at the end (0: none; a stop signal always writes one)
+    keep_checkpoints: int = 2  # full checkpoints kept in <run>/checkpoints (0: all)
+    resume: str = "auto"  # auto: resume from the run dir's latest checkpoint if any | a checkpoint or run dir | false
 
 
 @dataclass
@@ -115,6 +119,7 @@ class LoggingConfig:
     sample_every: int = 10  # log a table of sample completions every N steps
     num_samples_logged: int = 4  # rows in each sample table
     progress_bar: bool = True  # tqdm progress bar on stderr
+    overwrite: bool = False  # with train.resume=false, replace what a previous run left in run_dir
 
 
 @dataclass
@@ -125,6 +130,7 @@ class ClusterConfig:
     cpus_per_actor: float = 1.0  # CPU share reserved per actor in its placement bundle
     sync_backend: str = "auto"  # weight sync transport (protocol.weight_update.SYNC_BACKENDS); auto: nccl on gpu, gloo on cpu
     master_port: int = 0  # port for the learner's torch.distributed group (0: pick a free one)
+    max_worker_restarts: int = 3  # dead or stuck rollout workers replaced per run before the run stops
 
 
 @dataclass
@@ -270,10 +276,22 @@ def validate(cfg: Config) -> None:
     _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(cfg.data.num_train is None or cfg.data.num_train >= 1, "data.num_train", "must be at least 1")
     _check(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _check(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+    _check(cfg.rollout.timeout_s >= 0, "rollout.timeout_s", "must be >= 0 (0: derived from the work)")
+    _check(cfg.cluster.max_worker_restarts >= 0, "cluster.max_worker_restarts", "must be >= 0")
+    cfg.train.resume = normalize_resume(cfg.train.resume)
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
     _check(bool(cfg.rewards.weights), "rewards.weights", "needs at least one reward")
     if cfg.learner.precision == "fp16" and cfg.cluster.device == "cpu":
         raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")
+
+
+def normalize_resume(value) -> str:
+    """`train.resume` as given on the command line or in YAML: a bool or null read as text becomes
+    "false"; "auto" and paths stay."""
+    text = str(value).strip()
+    return "false" if text.lower() in ("false", "none", "null", "no", "0", "") else text
 
 
 def to_dict(cfg: Config) -> dict:

@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Actors:
+    cfg: Config
+    model_path: str  # the checkpoint every actor started from (a replaced rollout worker starts from it too)
     learners: ActorGroup
     workers: ActorGroup
     placement: cluster.Placement
+    worker_pids: list[int]  # root of each rollout worker's process tree, to kill a stuck one
+    learner_port: int  # the learners' own group: a re-formed weight-sync group must not take it
+    version: int = 0  # the weight version the rollout workers hold
+    restarts: int = 0  # rollout workers replaced so far
     update_meta: Optional[dict] = None  # the weight-update description, fetched from rank 0 once
 
 
@@ -72,14 +78,34 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     addr, (learner_port, sync_port) = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
     learners = cluster.start_learners(cfg, placement, model_path, addr, learner_port)
     workers = cluster.start_workers(cfg, placement, model_path)
+    pids = workers.call("process_id", doing="starting")
+    actors = Actors(cfg, model_path, learners, workers, placement, pids, cfg.cluster.master_port or learner_port)
+    join_weight_sync(actors, addr, sync_port)
+    return actors
+
+
+def join_weight_sync(actors: Actors, addr: Optional[str] = None, port: Optional[int] = None) -> None:
+    """(Re-)form the weight-sync group: learner rank 0 and every process of every rollout engine."""
+    cfg = actors.cfg
+    if port is None:
+        addr, ports = cluster.rendezvous(actors.placement, actors.placement.learner_bundles[0], 2)
+        port = next(p for p in ports if p != actors.learner_port)
     tp = cfg.rollout.tensor_parallel_size
-    world = 1 + len(workers) * tp
+    world = 1 + len(actors.workers) * tp
     backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
-    joins = learners.submit("init_weight_sync", addr, sync_port, world, backend)
-    joins += workers.submit_each("init_weight_sync",
-                                 [(addr, sync_port, 1 + i * tp, world, backend) for i in range(len(workers))])
-    joins.wait("joining the weight-sync group")
-    return Actors(learners, workers, placement)
+    joins = actors.learners.submit("init_weight_sync", addr, port, world, backend, only=[0])
+    joins += actors.workers.submit_each("init_weight_sync",
+                                        [(addr, port, 1 + i * tp, world, backend) for i in range(len(actors.workers))])
+    joins.wait("joining the weight-sync group", rollout_timeout(cfg, 0))
+
+
+def rollout_timeout(cfg: Config, num_prompts: int) -> float:
+    """The deadline of one call to the rollout workers: rollout.timeout_s, else derived from the work
+    (generous: a stuck engine is caught, a slow one is not)."""
+    if cfg.rollout.timeout_s > 0:
+        return float(cfg.rollout.timeout_s)
+    r = cfg.rollout
+    return 300.0 + 0.1 * num_prompts * r.group_size * r.max_new_tokens / r.num_workers
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -95,11 +121,15 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 def generate(actors: Actors, records: list[MedVQARecord], seed: int) -> RolloutBatch:
     """G scored samples per record; worker i samples shard i with its own seed, and the shards are
-    joined in the records' order."""
+    joined in the records' order. A worker that dies or misses its deadline is replaced and its shard
+    sampled again (same seed, same weights)."""
+    from launcher.recovery import settle_with_recovery
+
     shards = split_evenly(records, len(actors.workers))
-    parts = actors.workers.call_each("generate", [(s, seed + i) if s else None for i, s in enumerate(shards)],
-                                     doing="generating")
-    batch = RolloutBatch.concat(parts)
+    args = [(s, seed + i) if s else None for i, s in enumerate(shards)]
+    parts = settle_with_recovery(actors, "generate", args, "generating",
+                                 rollout_timeout(actors.cfg, max(len(s) for s in shards)))
+    batch = RolloutBatch.concat([parts[i] for i in sorted(parts)])
     batch.check_records(records)
     return batch
 
@@ -120,11 +150,13 @@ def train(actors: Actors, batch: RolloutBatch, records: list[MedVQARecord]) -> d
 
 
 def sync_weights(actors: Actors, version: int) -> None:
+    """Push the learner's weights as `version` into every engine; a rollout worker that fails the
+    update is replaced, and the update is sent again."""
+    from launcher.recovery import sync_with_recovery
+
     if actors.update_meta is None:  # fixed for a model: asked for once per run
         actors.update_meta = actors.learners.call_one(0, "weight_update_meta", doing="describing the weights")
-    calls = actors.learners.submit("push_weights", version)
-    calls += actors.workers.submit("receive_weights", version, actors.update_meta)
-    calls.wait(f"syncing weights (version {version})")
+    sync_with_recovery(actors, version)
 
 
 def save_policy(actors: Actors, out_dir: Path) -> None:
@@ -162,3 +194,11 @@ def stop_actors(actors: Actors) -> None:
     actors.workers.shutdown("shutdown")
     actors.learners.shutdown()
     actors.placement.remove()
+
+
+def load_learner_state(actors: Actors, checkpoint_learner_dir: Path) -> None:
+    actors.learners.call("load_state", str(checkpoint_learner_dir), doing=f"loading {checkpoint_learner_dir}")
+
+
+def save_learner_state(actors: Actors, out_dir: Path) -> None:
+    actors.learners.call("save_state", str(out_dir), doing=f"saving the training state to {out_dir}")

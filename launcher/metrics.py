@@ -25,22 +25,59 @@ def _clean(value):
     return value
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite a JSONL file of step rows keeping those with step <= `step`; returns how many were
+    dropped. A torn last line (the writer was killed mid-write) is dropped too."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
 class MetricsSink:
     """One object per run: append a row per step, mirror it to W&B, draw the progress bar."""
 
-    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int):
+    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int,
+                 resume_step: Optional[int] = None, wandb_id: Optional[str] = None):
+        """A resumed run (`resume_step`, the checkpoint's step) keeps each step once: rows written
+        after the checkpoint by the interrupted run are dropped, and W&B continues run `wandb_id`."""
         self.run_dir = Path(run_dir)
         self.cfg = logging_cfg
         self.path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                drop_rows_after(self.run_dir / name, resume_step)
         self._file = open(self.path, "a", buffering=1)
-        self._wandb = self._start_wandb(config_dict) if logging_cfg.wandb else None
+        self._wandb = self._start_wandb(config_dict, wandb_id) if logging_cfg.wandb else None
+        self.wandb_id = self._wandb.id if self._wandb is not None else None
         self._bar = None
         if logging_cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="grpo", unit="step",
+                             dynamic_ncols=True)
 
-    def _start_wandb(self, config_dict: dict):
+    def _start_wandb(self, config_dict: dict, run_id: Optional[str]):
         import wandb
 
         # Offline unless the user has credentials: runs on an air-gapped node can be synced later.
@@ -49,6 +86,7 @@ class MetricsSink:
         return wandb.init(
             project=self.cfg.wandb_project, name=self.run_dir.name, group=self.cfg.wandb_group,
             tags=list(self.cfg.tags), config=config_dict, dir=str(self.run_dir), reinit="finish_previous",
+            id=run_id, resume="allow" if run_id else None,
         )
 
     def log_step(self, row: dict) -> None:

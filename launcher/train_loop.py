@@ -1,4 +1,4 @@
-"""`medvlm-r1 train`: the GRPO loop from start to the saved policy and its summary."""
+"""`medvlm-r1 train`: the GRPO loop from start (or a checkpoint) to the saved policy and its summary."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,13 +6,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
-
-from launcher import cluster, driver
+from launcher import checkpoints, cluster, driver, stops
+from launcher.actor_group import ActorFailure
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
-from launcher.metrics import MetricsSink
+from launcher.metrics import MetricsSink, read_rows
+from launcher.report import load_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -24,56 +26,157 @@ class RunResult:
     summary: dict
 
 
+class LearnerRankLost(RuntimeError):
+    """A learner rank failed: the run cannot go on in place; the message says how to resume."""
+
+
 def run_training(cfg: Config) -> RunResult:
     run_dir = driver.make_run_dir(cfg)
+    resume_from = checkpoints.resolve_resume(cfg, run_dir)
+    saved = None
+    if resume_from is not None:
+        checkpoints.check_compatible(cfg, resume_from)
+        saved = checkpoints.read_state(resume_from)
+        log.info("resuming from %s (step %d)", resume_from, saved["step"])
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    cluster.start_ray(cfg)
-    train_records, eval_sets = build_datasets(cfg.data)
+    train_records, eval_sets = build_datasets(cfg.data)  # data errors surface before anything heavy starts
     log.info("%d training prompts; evaluation sets %s", len(train_records), {k: len(v) for k, v in eval_sets.items()})
-    model_path = driver.prepare_model(cfg)
-    if cfg.train.format_warmup_steps > 0:
-        model_path = driver.format_warmup(cfg, model_path, train_records, run_dir)
+    cluster.start_ray(cfg)
+    model_path = saved["model_path"] if saved else _starting_policy(cfg, run_dir, train_records)
+    stops.check()
     actors = driver.start_actors(cfg, model_path)
-    sink = MetricsSink(run_dir, cfg.logging, to_dict(cfg), cfg.train.steps)
+    sink = None
     try:
-        summary = _loop(cfg, actors, sink, train_records, eval_sets)
-        final_dir = run_dir / "final"
-        driver.save_policy(actors, final_dir)
-        summary["final_dir"] = str(final_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        return RunResult(run_dir, final_dir, summary)
+        stops.check()
+        sink = MetricsSink(run_dir, cfg.logging, to_dict(cfg), cfg.train.steps,
+                           resume_step=saved["step"] if saved else None, wandb_id=saved and saved.get("wandb_id"))
+        run = Run(cfg, actors, sink, run_dir, PromptSampler(train_records, cfg.train.seed), eval_sets)
+        if saved:
+            run.restore(resume_from, saved)
+        return run.finish(run.loop())
+    except ActorFailure as exc:
+        if exc.kind == actors.learners.kind:
+            raise LearnerRankLost(f"{exc}; a learner rank cannot be replaced in place: "
+                                  f"{_resume_hint(run_dir)}") from exc
+        raise
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
         driver.stop_actors(actors)
 
 
-def _loop(cfg: Config, actors, sink: MetricsSink, train_records, eval_sets) -> dict:
-    sampler = PromptSampler(train_records, cfg.train.seed)
-    version, history, evals = 0, [], {}
-    if eval_sets and (cfg.train.eval_at_end or cfg.train.eval_every):
-        evals[0] = _evaluate(cfg, actors, sink, eval_sets, step=0)
-    for step in range(1, cfg.train.steps + 1):
-        row, batch, records = _step(cfg, actors, sampler, step, version)
-        version = row["weight_version"]
-        history.append(row)
-        sink.log_step(row)
+def _starting_policy(cfg: Config, run_dir: Path, train_records) -> str:
+    model_path = driver.prepare_model(cfg)
+    if cfg.train.format_warmup_steps > 0:
+        model_path = driver.format_warmup(cfg, model_path, train_records, run_dir)
+    return model_path
+
+
+def _resume_hint(run_dir: Path) -> str:
+    last = checkpoints.latest(run_dir)
+    if last is None:
+        return "no checkpoint was written yet (set train.checkpoint_every)"
+    return f"resume from {last} with: medvlm-r1 train {run_dir / 'config.yaml'} logging.run_dir={run_dir}"
+
+
+@dataclasses.dataclass
+class Run:
+    """The loop's state between steps: what a checkpoint saves and a resume restores."""
+
+    cfg: Config
+    actors: driver.Actors
+    sink: MetricsSink
+    run_dir: Path
+    sampler: PromptSampler
+    eval_sets: dict
+    step: int = 0
+    version: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    evals: dict = dataclasses.field(default_factory=dict)
+    last_checkpoint: Optional[Path] = None
+
+    def loop(self) -> dict:
+        cfg = self.cfg
+        if self.step == 0 and self.eval_sets and (cfg.train.eval_at_end or cfg.train.eval_every):
+            self.evals[0] = self._evaluate(step=0)
+        while self.step < cfg.train.steps:
+            self.step += 1
+            self._one_step()
+            if cfg.train.checkpoint_every and (self.step % cfg.train.checkpoint_every == 0
+                                               or self.step == cfg.train.steps):
+                self.checkpoint()
+            if stops.requested():
+                stops.check(str(self.checkpoint()))
+        last = cfg.train.steps
+        if self.eval_sets and cfg.train.eval_at_end and last not in self.evals:
+            self.evals[last] = self._evaluate(last)
+        return _summarize(self.history, self.evals)
+
+    def _one_step(self) -> None:
+        cfg, step = self.cfg, self.step
+        row, batch, records = _step(cfg, self.actors, self.sampler, step, self.version)
+        self.version = row["weight_version"]
+        self.history.append(row)
+        self.sink.log_step(row)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
-            sink.log_samples(step, driver.sample_rows(batch, records, cfg.logging.num_samples_logged))
-        if eval_sets and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            evals[step] = _evaluate(cfg, actors, sink, eval_sets, step)
+            self.sink.log_samples(step, driver.sample_rows(batch, records, cfg.logging.num_samples_logged))
+        if self.eval_sets and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            self.evals[step] = self._evaluate(step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-            # A Hugging Face policy checkpoint (loadable by `medvlm-r1 eval`); optimiser state is not kept.
-            driver.save_policy(actors, sink.run_dir / f"checkpoint-{step:06d}")
-    last = cfg.train.steps
-    if eval_sets and cfg.train.eval_at_end and last not in evals:
-        evals[last] = _evaluate(cfg, actors, sink, eval_sets, last)
-    return _summarize(history, evals)
+            # A Hugging Face policy checkpoint (loadable by `medvlm-r1 eval`); full state is in checkpoints/.
+            driver.save_policy(self.actors, self.run_dir / f"checkpoint-{step:06d}")
+
+    def checkpoint(self) -> Path:
+        """The full state after step `self.step`, written atomically; returns its folder."""
+        if self.last_checkpoint is not None and self.last_checkpoint.name == checkpoints.step_dir(
+                self.run_dir, self.step).name:
+            return self.last_checkpoint
+        t0 = time.perf_counter()
+        tmp = checkpoints.begin(self.run_dir, self.step)
+        driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
+        state = {"step": self.step, "weight_version": self.version, "sampler": self.sampler.state(),
+                 "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path}
+        self.last_checkpoint = checkpoints.commit(self.run_dir, tmp, state, to_yaml(self.cfg),
+                                                  self.cfg.train.keep_checkpoints)
+        self.sink.log_row({"step": self.step, "time/checkpoint_s": time.perf_counter() - t0})
+        log.info("checkpoint of step %d: %s (%.1f s)", self.step, self.last_checkpoint, time.perf_counter() - t0)
+        return self.last_checkpoint
+
+    def restore(self, checkpoint: Path, state: dict) -> None:
+        """Learner state from the checkpoint, the restored weights into every worker, the sampler and
+        the loop's records of the steps already done."""
+        driver.load_learner_state(self.actors, checkpoint / checkpoints.LEARNER_DIR)
+        self.step, self.version = int(state["step"]), int(state["weight_version"])
+        self.sampler.restore(state["sampler"])
+        driver.sync_weights(self.actors, self.version)
+        rows = read_rows(self.run_dir / "metrics.jsonl")
+        self.history = [r for r in rows if "reward/total" in r and r["step"] <= self.step]
+        self.evals = {s: r for s, r in load_evaluations(self.run_dir).items() if s <= self.step}
+        self.last_checkpoint = checkpoint
+
+    def _evaluate(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        results, rows = evaluate_sets(self.actors.workers, self.eval_sets, self.cfg.rollout.max_new_tokens)
+        write_outputs(self.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
+        self.sink.log_row({"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0})
+        return results
+
+    def finish(self, summary: dict) -> RunResult:
+        final_dir = self.run_dir / "final"
+        driver.save_policy(self.actors, final_dir)
+        summary["final_dir"] = str(final_dir)
+        if self.last_checkpoint is not None:
+            summary["last_checkpoint"] = str(self.last_checkpoint)
+        summary["faults/worker_restarts"] = self.actors.restarts
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        return RunResult(self.run_dir, final_dir, summary)
 
 
-def _step(cfg: Config, actors, sampler: PromptSampler, step: int, version: int):
+def _step(cfg: Config, actors: driver.Actors, sampler: PromptSampler, step: int, version: int):
     t0 = time.perf_counter()
     records = sampler.draw(cfg.rollout.prompts_per_step)
+    restarts = actors.restarts
     batch = driver.generate(actors, records, seed=cfg.train.seed * 100_003 + step * 1009)
     t1 = time.perf_counter()
     stats = driver.train(actors, batch, records)
@@ -84,24 +187,15 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int, version: int):
     t3 = time.perf_counter()
     tokens = sum(len(c) for c in batch.completion_token_ids)
     row = {"step": step, **driver.rollout_metrics(batch), **stats, "weight_version": version,
-           "rollout_weight_version": batch.weight_version,
+           "rollout_weight_version": batch.weight_version, "faults/worker_restarts": actors.restarts - restarts,
            "time/generate_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
            "throughput/tokens_per_s": tokens / (t3 - t0)}
     return row, batch, records
 
 
-def _evaluate(cfg: Config, actors, sink: MetricsSink, eval_sets: dict, step: int) -> dict:
-    t0 = time.perf_counter()
-    results, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens)
-    write_outputs(sink.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
-    row = {"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0}
-    sink.log_row(row)
-    return results
-
-
 def _summarize(history: list[dict], evals: dict) -> dict:
     window = max(1, min(10, len(history) // 2)) if history else 0
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else None  # noqa: E731
     out = {"steps": len(history)}
     for key in ("reward/accuracy", "reward/format", "reward/total"):
         out[f"first{window}/{key}"] = mean(history[:window], key)
@@ -120,7 +214,7 @@ def print_summary(result: RunResult) -> None:
     for key in ("reward/accuracy", "reward/format", "reward/total"):
         first = next((v for k, v in s.items() if k.startswith("first") and k.endswith(key)), None)
         last = next((v for k, v in s.items() if k.startswith("last") and k.endswith(key)), None)
-        if first is not None:
+        if first is not None and last is not None:
             print(f"{key:18s} first steps {first:.3f} -> last steps {last:.3f}")
     if "eval/final" in s:
         print("held-out accuracy (start -> end):")

@@ -47,6 +47,10 @@ def _load_hf_model(model_path: str, dtype: torch.dtype):
         raise OSError(f"cannot load a Qwen2-VL model from {model_path}: {exc}") from exc
 
 
+# The tag (sub-folder) of DeepSpeed's checkpoint inside a run checkpoint.
+_STATE_TAG = "deepspeed"
+
+
 class LearnerRank:
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
         import deepspeed
@@ -147,6 +151,27 @@ class LearnerRank:
             torch.distributed.barrier()
         return str(out_dir)
 
+    # ---- full training state (resume) --------------------------------------------------------------
+
+    def save_state(self, out_dir: str) -> str:
+        """DeepSpeed's own checkpoint of this rank (model, optimiser and scheduler, the ZeRO
+        partitions as they are) and its RNG state. Every rank must call it, on one shared folder."""
+        self.engine.save_checkpoint(out_dir, tag=_STATE_TAG, client_state={"torch_rng": torch.get_rng_state()},
+                                    save_latest=False)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return out_dir
+
+    def load_state(self, in_dir: str) -> int:
+        """Restore what `save_state` wrote (every rank); returns the optimiser steps taken so far."""
+        path, client = self.engine.load_checkpoint(in_dir, tag=_STATE_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"learner rank {self.rank}: no DeepSpeed checkpoint in {in_dir}/{_STATE_TAG}")
+        torch.set_rng_state(client["torch_rng"])
+        self._update_meta = None
+        return int(self.engine.global_steps)
+
     # ---- weight sync (the sending side lives in learner/weight_sync.py) ---------------------------
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int, backend: str) -> None:
@@ -156,6 +181,9 @@ class LearnerRank:
             return
         from learner.weight_sync import WeightSender
 
+        if self.weight_sender is not None:  # the group is re-formed after a rollout worker was replaced
+            self.weight_sender.close()
+            self.weight_sender = None
         self.weight_sender = WeightSender(master_addr, master_port, world_size, backend)
 
     def weight_update_meta(self) -> dict:
@@ -186,4 +214,9 @@ class LearnerRank:
             return
         if self.weight_sender is None:
             raise RuntimeError("push_weights before init_weight_sync on learner rank 0")
-        self.weight_sender.send(pairs, version, meta=self._meta())
+        try:
+            self.weight_sender.send(pairs, version, meta=self._meta())
+        except BaseException:
+            for _ in pairs:  # a failed send (a receiver died) must not leave the other ranks in a gather
+                pass
+            raise

@@ -67,6 +67,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.group: wu.GlooGroup | None = None
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
+        self.shutdown()  # a re-formed group replaces the old one
         rank = worker_group_rank(self.parallel_config, init_info.rank_offset)
         self.group = wu.GlooGroup(init_info.master_address, init_info.master_port, rank,
                                   init_info.world_size, init_info.timeout_s)

@@ -9,6 +9,7 @@ the engine through `collective_rpc`) with the `gloo` engine of this package on C
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
@@ -35,6 +36,7 @@ class RolloutWorker:
         self.cfg, self.index, self.model_path = cfg, worker_index, model_path
         self.backend = eng.sync_backend(cfg)
         self._version = 0
+        self._joined = False
         self._broken: Optional[str] = None  # why the engine can no longer be trusted
         rewards.check_weights(cfg.rewards.weights)  # an unknown reward fails here, not at step 1
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -131,8 +133,12 @@ class RolloutWorker:
                 "world_size": int(world_size)}
         if backend == "nccl":
             info["packed"] = True  # the learner's WeightSender sends vLLM's packed format
+        if self._joined:  # the group is re-formed after another worker was replaced: leave the old one
+            self._run("leaving the old weight-sync group",
+                      lambda: self.llm.collective_rpc("shutdown_weight_transfer_engine"))
         self._run("joining the weight-sync group",
                   lambda: self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info}))
+        self._joined = True
 
     def receive_weights(self, version: int, update_meta: dict) -> int:
         """Receive update `version` (blocking until it is loaded), then report it in every batch.
@@ -163,6 +169,11 @@ class RolloutWorker:
 
     def weight_version(self) -> int:
         return self._version
+
+    def process_id(self) -> int:
+        """This actor's pid: the root of the process tree (vLLM's engine processes) a stuck worker is
+        killed by."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
