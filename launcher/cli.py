@@ -10,10 +10,16 @@ from launcher.config import ConfigError, load_config
 
 
 def _cmd_train(args) -> int:
+    from launcher import stops
     from launcher.train_loop import print_summary, run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg)
+    stops.install_handlers()
+    try:
+        result = run_training(cfg)
+    except stops.StopRequested as stop:
+        print(f"medvlm-r1: {stop}", file=sys.stderr)
+        return stop.exit_code
     print_summary(result)
     return 0
 

@@ -15,6 +15,13 @@
 # <run dir>/slurm/ray-<node>.log and the driver's exit code is <run dir>/slurm/exit_code.
 # The job's exit code is the driver's (143 when the job was cancelled).
 #
+# Pre-emption and time limits: Slurm sends SIGUSR1 to this script 5 minutes before the time limit
+# (--signal=B:USR1@300; change it with sbatch --signal=B:USR1@SECONDS). The driver then finishes its
+# step, writes a full checkpoint and stops; this script stops Ray on every node and requeues the job
+# (--requeue). The requeued job has the same job id, so the same run directory, and resumes from the
+# checkpoint (train.resume=auto). SIGTERM (scancel, or the time limit itself) also makes the driver
+# checkpoint at its next step boundary, but does not requeue.
+#
 # Environment (all optional):
 #   MEDVLM_DEVICE              cpu | gpu: passed as cluster.device=...; cpu also gives Ray no GPUs
 #   MEDVLM_ROOT                the repository (default: the folder sbatch was called from)
@@ -35,6 +42,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 
 set -uo pipefail
 
@@ -120,8 +130,9 @@ fi
 SRUN_PIDS=()
 DRIVER_PID=
 RC=1
+REQUEUE=0
 
-# shellcheck disable=SC2317  # reached from the traps below
+# shellcheck disable=SC2317,SC2329  # reached from the traps below
 wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is alive
   local tries=$1 pid alive
   shift
@@ -134,7 +145,7 @@ wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is al
   return 1
 }
 
-# shellcheck disable=SC2317  # reached from the traps below
+# shellcheck disable=SC2317,SC2329  # reached from the traps below
 stop_all() {
   trap - EXIT TERM INT
   if [[ -n $DRIVER_PID ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
@@ -152,8 +163,20 @@ stop_all() {
   wait_gone 30 "${SRUN_PIDS[@]}" || for pid in "${SRUN_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
   echo "$RC" >"$LOG_DIR/exit_code"
   log "exit code $RC"
+  if ((REQUEUE)) && ((RC == 143)); then
+    # The driver saved a checkpoint and stopped: the requeued job (same id, same run dir) resumes it.
+    log "requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
+    scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed; resume by resubmitting with logging.run_dir=$RUN_DIR"
+  fi
   exit "$RC"
 }
+# shellcheck disable=SC2317,SC2329  # reached from the trap below
+on_usr1() {
+  REQUEUE=1
+  log "received SIGUSR1: the driver checkpoints and stops, then the job requeues"
+  [[ -n $DRIVER_PID ]] && kill -USR1 "$DRIVER_PID" 2>/dev/null
+}
+trap on_usr1 USR1
 trap 'RC=143; log "received SIGTERM"; stop_all' TERM
 trap 'RC=130; log "received SIGINT"; stop_all' INT
 trap stop_all EXIT
@@ -201,7 +224,11 @@ fi
 log "driver: $PY -m launcher.cli train $CONFIG ${OVERRIDES[*]} $*"
 "$PY" -m launcher.cli train "$CONFIG" "${OVERRIDES[@]}" "$@" &
 DRIVER_PID=$!
-wait "$DRIVER_PID"
-RC=$?
+# A trapped signal (USR1) interrupts `wait` while the driver goes on: wait again until it has exited.
+while :; do
+  wait "$DRIVER_PID"
+  RC=$?
+  kill -0 "$DRIVER_PID" 2>/dev/null || break
+done
 DRIVER_PID=
 exit "$RC"

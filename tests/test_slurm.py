@@ -178,3 +178,43 @@ def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
     assert "received SIGTERM" in job.log()
     assert processes_mentioning(str(job.run_dir)) == [], "the driver outlived the job"
     job.assert_ray_stopped(["node1"])
+
+
+def _metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if "reward/total" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_usr1_checkpoints_requeues_and_the_resumed_job_finishes(slurm, tmp_path):
+    """What the time-limit warning (--signal=B:USR1@300) does: the driver checkpoints at its next step
+    boundary and stops, the job requeues itself, and the requeued job (same id, same run dir) resumes
+    and finishes the configured steps, each step once in metrics.jsonl."""
+    t0 = time.monotonic()
+    job = Job(slurm, tmp_path, [*SHORT_RUN, "train.steps=6", "train.checkpoint_every=3"])
+    deadline = time.monotonic() + 600
+    while not _metric_steps(job.run_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metric_steps(job.run_dir), f"no step was logged:\n{job.log()}"
+    assert slurm.run(["scancel", "--signal=USR1", "--batch", job.id]).returncode == 0
+    signalled = time.monotonic()
+    state, seen = {}, set()
+    while time.monotonic() < signalled + 900:
+        state = slurm.job_state(job.id) or {}
+        seen.add(state.get("JobState"))
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(1)
+    log = job.log()
+    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", f"{state}\n{log}"
+    assert "received SIGUSR1" in log and "requeueing job" in log and "resuming from" in log, log
+    assert _metric_steps(job.run_dir) == [1, 2, 3, 4, 5, 6], log
+    assert (job.run_dir / "checkpoints" / "latest").read_text() == "step-000006"
+    assert job.exit_code_file() == "0"
+    job.assert_ray_stopped(["node1"])
+    print(f"requeue: signal to completion {time.monotonic() - signalled:.0f} s, whole test "
+          f"{time.monotonic() - t0:.0f} s, states seen {sorted(s for s in seen if s)}")

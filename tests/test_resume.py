@@ -1,0 +1,177 @@
+"""Full checkpoints and resume, end to end on CPU: a run stopped after its checkpoint at step k and resumed
+gives steps k+1..n exactly as an uninterrupted run with the same seed, for 1 and 2 learner ranks, ZeRO-2
+and ZeRO-3; every step stays once in metrics.jsonl; changed state keys are refused; a used run dir is
+never silently reused."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import checkpoints
+from launcher.config import ConfigError, load_config
+from medvqa.synthetic import make_synthetic_split
+from cluster_utils import REPO_ROOT
+
+COMPARED = ("reward/total", "reward/accuracy", "loss", "grad_norm", "weight_version", "rollout_weight_version")
+
+
+@pytest.fixture(scope="module")
+def warmed_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model after a short format warm-up: it writes the answer format with a random letter, so
+    group rewards differ and GRPO steps really move the weights (a random model earns nothing)."""
+    from learner.format_warmup import warmup_format
+
+    records = make_synthetic_split("MRI", "train", 64, seed=0, question_types=["contrast"], num_options=2,
+                                   shuffle_options=False)
+    return warmup_format(tiny_model_dir, str(tmp_path_factory.mktemp("warmed")), records, 60, 1e-2, 0, 3136, 3136)
+
+
+def _overrides(model: str, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.path={model}", "model.build_tiny_if_missing=false", f"logging.run_dir={run_dir}",
+            "logging.progress_bar=false", "logging.wandb=false", "logging.sample_every=0",
+            "train.format_warmup_steps=0", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+            "train.eval_at_end=false", "rollout.prompts_per_step=4", "rollout.group_size=4",
+            "rollout.max_new_tokens=24", "learner.micro_batch_size=8", "learner.lr=2e-3",
+            "cluster.cpus_per_actor=0.5", *extra]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "reward/total" in r]
+
+
+def _cut_back_to(src: Path, dst: Path, step: int) -> None:
+    """`dst` as `src` was when its run was killed right after the checkpoint of `step` (later rows and
+    files included, as a killed run leaves them)."""
+    shutil.copytree(src, dst)
+    for later in (dst / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (dst / "checkpoints" / "latest").write_text(f"step-{step:06d}")
+    shutil.rmtree(dst / "final")
+    (dst / "summary.json").unlink()
+
+
+def _assert_same_steps(resumed: list[dict], reference: list[dict], after: int) -> None:
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # each step exactly once
+    moved = [r for r in reference if r["step"] > after]
+    assert any(r["grad_norm"] > 0 for r in moved), "no learning signal: the comparison would be vacuous"
+    for got, want in zip(resumed, reference):
+        assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, got["step"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("ranks,stage", [(2, 3), (2, 2)])
+def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage):
+    from launcher.train_loop import run_training
+
+    extra = (f"learner.num_ranks={ranks}", f"learner.zero_stage={stage}")
+    ref_dir = tmp_path / "uninterrupted"
+    reference = run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, ref_dir, *extra)))
+    assert sorted(p.name for p in (ref_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    assert reference.summary["last_checkpoint"].endswith("step-000004")
+
+    resumed_dir = tmp_path / "resumed"
+    _cut_back_to(ref_dir, resumed_dir, 2)
+    run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, resumed_dir, *extra)))
+    _assert_same_steps(_steps(resumed_dir), _steps(ref_dir), after=2)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref_dir / "final/model.safetensors")), load_file(str(resumed_dir / "final/model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def _latest_step(run_dir: Path) -> int:
+    try:
+        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+@pytest.mark.timeout(900)
+def test_sigkilled_run_resumes_exactly_with_one_rank(warmed_model, tmp_path):
+    """The real thing: SIGKILL the whole driver (Ray and vLLM with it) once its step-2 checkpoint is
+    written, then run the same command again."""
+    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml"]
+    ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run(cmd + _overrides(warmed_model, ref_dir, "logging.wandb=true"), cwd=REPO_ROOT, env=env,
+                   check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + _overrides(warmed_model, killed_dir, "train.steps=40", "logging.wandb=true"),
+                            cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _latest_step(killed_dir) >= 2
+    killed_at = _latest_step(killed_dir)
+    done = subprocess.run(cmd + _overrides(warmed_model, killed_dir, "logging.wandb=true"), cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, resumed = _steps(ref_dir), _steps(killed_dir)
+    if killed_at > 4:  # the kill came late: the resumed run had nothing left to do
+        pytest.fail(f"the run was killed only after step {killed_at}")
+    _assert_same_steps(resumed, reference, after=killed_at)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (killed_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids  # W&B continued the same run
+
+
+def test_used_run_dir_without_checkpoint_is_refused_then_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(None, [f"logging.run_dir={run_dir}"])
+    with pytest.raises(ConfigError, match="already holds a run .*metrics.jsonl.* no complete checkpoint"):
+        checkpoints.resolve_resume(cfg, run_dir)
+    cfg = load_config(None, [f"logging.run_dir={run_dir}", "train.resume=false", "logging.overwrite=true"])
+    assert checkpoints.resolve_resume(cfg, run_dir) is None
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def _fake_checkpoint(run_dir: Path, step: int, cfg) -> Path:
+    from launcher.config import to_yaml
+
+    tmp = checkpoints.begin(run_dir, step)
+    return checkpoints.commit(run_dir, tmp, {"step": step}, to_yaml(cfg), keep=2)
+
+
+def test_latest_pointer_pruning_and_interrupted_saves(tmp_path):
+    cfg = load_config(None, [])
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step, cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    checkpoints.begin(tmp_path, 4)  # a save that never finished
+    assert checkpoints.latest(tmp_path).name == "step-000003"
+    assert checkpoints.read_state(checkpoints.latest(tmp_path)) == {"step": 3}
+    auto = load_config(None, [f"logging.run_dir={tmp_path}"])
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert checkpoints.resolve_resume(auto, tmp_path).name == "step-000003"
+
+
+@pytest.mark.parametrize("override", ["rollout.group_size=6", "learner.num_ranks=2", "learner.zero_stage=3",
+                                      "model.path=elsewhere"])
+def test_changes_that_would_corrupt_the_state_are_refused(tmp_path, override):
+    cfg = load_config("configs/tiny_cpu.yaml", [])
+    ckpt = _fake_checkpoint(tmp_path, 5, cfg)
+    checkpoints.check_compatible(load_config("configs/tiny_cpu.yaml", ["train.steps=500", "logging.wandb=false"]),
+                                 ckpt)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        checkpoints.check_compatible(load_config("configs/tiny_cpu.yaml", [override]), ckpt)
+
+
+def test_rows_past_the_checkpoint_and_a_torn_line_are_dropped(tmp_path):
+    from launcher.metrics import drop_rows_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3, 4)) + '{"step": 5, "lo')
+    assert drop_rows_after(path, 2) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
