@@ -34,9 +34,10 @@ class DataConfig:
     path: Optional[str] = None  # file or folder for non-synthetic sources (data root for omnimedvqa)
     train_modalities: list = field(default_factory=lambda: ["MRI"])  # modalities drawn for training
     eval_modalities: list = field(default_factory=lambda: ["MRI", "CT", "X-ray"])  # held-out sets, one per modality
-    num_train: Optional[int] = None  # seeded subset of N training records (the paper: 600); None = all
-    num_eval_per_modality: int = 64  # held-out records per modality for evaluation
-    eval_path: Optional[str] = None  # separate evaluation data in the same format (else split off `path`)
+    num_train: Optional[int] = None  # training records (paper: 600; None = all); public data: datasets' shuffle order
+    num_eval_per_modality: int = 64  # held-out records per modality drawn from `path` (not used with eval_path)
+    eval_path: Optional[str] = None  # evaluation file in the same format: all its usable records of eval_modalities
+    #                                  are evaluated (else a held-out sample of `path`)
     test_fraction: float = 0.2  # share of images held out for evaluation when eval_path is not set
     question_types: list = field(default_factory=lambda: ["location", "count", "brighter"])  # synthetic only; also "contrast"
     num_options: int = 4  # options per synthetic question (2-10)

@@ -16,7 +16,8 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
     if not Path(checkpoint).exists() and Path(checkpoint).is_absolute():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
     out_dir = out_dir or Path(checkpoint) / "eval"
-    eval_sets = build_eval_sets(cfg.data)
+    data = build_eval_sets(cfg.data)
+    eval_sets = data.evals
     if not eval_sets:
         raise ValueError(f"no evaluation records of modalities {list(cfg.data.eval_modalities)}")
     cluster.start_ray(cfg)
@@ -26,7 +27,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
         t0 = time.perf_counter()
         results, rows = evaluate_sets(workers, eval_sets, cfg.rollout.max_new_tokens)
         meta = {"checkpoint": checkpoint, "decoding": "greedy", "max_new_tokens": cfg.rollout.max_new_tokens,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "data": data.summary()}
         write_outputs(out_dir, results, rows, meta)
     finally:
         workers.shutdown("shutdown")

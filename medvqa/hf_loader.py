@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medvqa.loaders import LoadError, LoadReport, _Draft, _finish, _image_source, _options_dict
+from medvqa.record_checks import (
+    UNKNOWN_MODALITY, Draft, LoadError, LoadReport, finish_drafts, first_present, missing_path_error,
+)
 
 HF_COLUMNS = {"image": ("image", "images", "image_path"), "question": ("question",), "options": ("options", "choices"),
               "answer": ("answer", "gt_answer"), "modality": ("modality", "subset", "modality_type"),
@@ -21,8 +23,10 @@ def _open_hf(dataset_or_path: Any, split: Optional[str]):
         origin = f"<in-memory {type(ds).__name__}>"
     elif isinstance(ds, (str, Path)):
         base = Path(ds)
+        if not base.exists():
+            raise missing_path_error(base, "folder (expected a data set saved with save_to_disk)")
         if not base.is_dir():
-            raise LoadError(f"{base}: no such folder (expected a data set saved with save_to_disk)")
+            raise LoadError(f"{base}: not a folder (expected a data set saved with save_to_disk)")
         try:
             ds = datasets.load_from_disk(str(base))
         except Exception as exc:  # datasets raises several types for folders that are not data sets
@@ -54,16 +58,19 @@ def _hf_columns(ds, columns: Optional[dict], origin: str) -> dict:
     return chosen
 
 
-def _hf_draft(row: dict, index: int, cols: dict, base: Path, origin: str, stem: str) -> _Draft:
+def _hf_draft(row: dict, index: int, cols: dict, base: Path, origin: str, stem: str) -> Draft:
     def get(name):
         value = row[cols[name]] if name in cols else None
         return None if value is None or str(value).strip() == "" else value
 
     rid = f"{stem}-{index}" if get("id") is None else str(get("id"))
-    return _Draft(
+    # A row whose chosen modality column is empty may still name it in another alias column.
+    chosen = [cols["modality"]] if "modality" in cols else []
+    modality_keys = chosen + [c for c in HF_COLUMNS["modality"] if c in row]
+    return Draft(
         id=rid, file=origin, image=row[cols["image"]], base=base,
         question=str(get("question") or ""), options=row[cols["options"]], answer=get("answer"),
-        modality=str(get("modality") or "unknown"), source=str(get("source") or stem))
+        modality=first_present(row, modality_keys, UNKNOWN_MODALITY), source=str(get("source") or stem))
 
 
 def load_hf_dataset(dataset_or_path: Any, split: Optional[str] = None, modalities: Optional[Sequence[str]] = None,
@@ -72,7 +79,7 @@ def load_hf_dataset(dataset_or_path: Any, split: Optional[str] = None, modalitie
 
     Columns (aliases in HF_COLUMNS, or `columns={"answer": "label", ...}`): image (PIL, bytes, Image
     feature, a path relative to `image_root` / the folder, or a one-element list); question; options (list
-    or letter dict); answer (option text or letter, see answer_letter); optional modality, id, source.
+    or letter dict); answer (option text or letter); optional modality, id, source.
     Image columns are read undecoded (bytes) so that no pixels are decoded at load time.
     """
     import datasets
@@ -84,4 +91,4 @@ def load_hf_dataset(dataset_or_path: Any, split: Optional[str] = None, modalitie
     base = Path(image_root) if image_root is not None else base
     stem = Path(str(dataset_or_path)).name if isinstance(dataset_or_path, (str, Path)) else "hf"
     drafts = [_hf_draft(row, i, cols, base, origin, stem) for i, row in enumerate(ds)]
-    return _finish(drafts, LoadReport(origin), modalities)
+    return finish_drafts(drafts, LoadReport(origin), modalities)

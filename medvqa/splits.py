@@ -7,6 +7,7 @@ import os
 import random
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image
 
 from medvqa.record import MedVQARecord
@@ -14,15 +15,20 @@ from medvqa.record import MedVQARecord
 log = logging.getLogger(__name__)
 
 
-def seeded_subset(records: Sequence[MedVQARecord], n: Optional[int], seed: int = 42) -> list:
-    """`n` records drawn after a seeded shuffle (the paper: 600 MRI training samples, seed 42).
+def datasets_shuffle_order(n: int, seed: int) -> list:
+    """The order in which Hugging Face `datasets`' `Dataset.shuffle(seed=seed)` puts n rows: it draws
+    `numpy.random.default_rng(seed).permutation(n)`. Computed here so that loading needs no `datasets`."""
+    return np.random.default_rng(seed).permutation(n).tolist()
 
-    The same seed gives the same records in the same order; None or n >= len gives all of them, shuffled.
+
+def seeded_subset(records: Sequence[MedVQARecord], n: Optional[int], seed: int = 42) -> list:
+    """The first `n` records after `datasets`' seeded shuffle, i.e. the rows of
+    `Dataset.shuffle(seed=seed).select(range(n))` on the same records in the same order (the paper's loader
+    shuffles its MRI subset with `datasets`, seed 42). None or n >= len gives all of them, shuffled.
     """
     if n is not None and n < 1:
         raise ValueError(f"seeded_subset: n must be at least 1, got {n}")
-    shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
+    shuffled = [records[i] for i in datasets_shuffle_order(len(records), seed)]
     if n is not None and n > len(shuffled):
         log.warning("asked for %d records, only %d are available; using all", n, len(shuffled))
     return shuffled[:n]

@@ -88,13 +88,13 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 @pytest.mark.slow
 def test_eval_command_on_the_tiny_model(tiny_model_dir, tmp_path):
-    from medvqa.loaders import save_jsonl
     from medvqa.synthetic import make_synthetic_split
+    from medvqa_files import write_jsonl
 
     records = make_synthetic_split("MRI", "test", 6, seed=3, question_types=["location"], num_options=2,
                                    image_size=56) + \
         make_synthetic_split("CT", "test", 4, seed=3, question_types=["location"], num_options=2, image_size=56)
-    data = save_jsonl(records, str(tmp_path / "fixture.jsonl"), str(tmp_path / "images"))
+    data = write_jsonl(records, str(tmp_path / "fixture.jsonl"), str(tmp_path / "images"))
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "launcher", "eval", tiny_model_dir, "--out", str(out), "data.source=jsonl",
            f"data.eval_path={data}", "data.eval_modalities=[MRI,CT]", "rollout.max_new_tokens=16",

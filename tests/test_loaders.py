@@ -1,41 +1,20 @@
 """Loaders of public med-VQA formats: fixtures in each format are written here, with tiny numpy-drawn PNGs."""
-import io
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from medvqa.loaders import (
-    ANSWER_NOT_IN_OPTIONS, MISSING_IMAGE, MULTIPLE_IMAGES, NO_OPTIONS, UNREADABLE_IMAGE, LoadError,
-    answer_letter, image_identity, load_huatuo_eval, load_jsonl, load_omnimedvqa,
-    _Unusable, load_records, normalize_modality, save_jsonl, seeded_subset, split_by_image,
-)
 from medvqa.hf_loader import load_hf_dataset
+from medvqa.loaders import load_huatuo_eval, load_jsonl, load_omnimedvqa, load_records
 from medvqa.record import MedVQARecord
-
-MR, CT, XR = "MR (Mag-netic Resonance Imaging)", "CT(Computed Tomography)", "X-Ray"
-
-
-def _scan(value: int, size: int = 8) -> Image.Image:
-    """A tiny grey square with a bright pixel whose place depends on `value`, so images differ."""
-    arr = np.full((size, size), value % 200, dtype=np.uint8)
-    arr[value % size, (value // size) % size] = 255
-    return Image.fromarray(arr, mode="L")
-
-
-def _png(path: Path, value: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _scan(value).save(path)
-    return path
-
-
-def _png_bytes(value: int) -> bytes:
-    buf = io.BytesIO()
-    _scan(value).save(buf, format="PNG")
-    return buf.getvalue()
+from medvqa.record_checks import (
+    AMBIGUOUS_ANSWER, ANSWER_NOT_IN_OPTIONS, MISSING_IMAGE, MULTIPLE_IMAGES, NO_OPTIONS, UNREADABLE_IMAGE,
+    LoadError, normalize_modality,
+)
+from medvqa.splits import image_identity, seeded_subset, split_by_image
+from medvqa_files import CT, HUATUO_FILE, MR, XR, omni_row as _omni_record, png as _png, png_bytes as _png_bytes
+from medvqa_files import scan as _scan, write_jsonl as save_jsonl
 
 
 def _skips(report):
@@ -43,13 +22,6 @@ def _skips(report):
 
 
 # ---------------------------------------------------------------- OmniMedVQA
-
-def _omni_record(qid, image, modality, options, gt):
-    rec = {"question_id": qid, "question": f"question {qid}?", "gt_answer": gt, "image_path": image,
-           "modality_type": modality, "question_type": "Modality Recognition", "dataset": "Src"}
-    rec.update({f"option_{k}": v for k, v in zip("ABCD", options)})
-    return rec
-
 
 @pytest.fixture
 def omni_root(tmp_path):
@@ -151,14 +123,14 @@ def huatuo_file(tmp_path):
         {"image": ["images/img0.png", "images/img1.png"], "question": "q", "options": ["a", "b"],
          "answer": "a", "subset": CT},
     ]
-    path = folder / "medical_multimodal_evaluation_data.json"
+    path = folder / HUATUO_FILE
     path.write_text(json.dumps(recs))
     return path
 
 
 def test_huatuo_letters_answers_ids_and_skips(huatuo_file):
     records, report = load_huatuo_eval(str(huatuo_file))
-    stem = "medical_multimodal_evaluation_data"
+    stem = HUATUO_FILE[:-len(".json")]
     assert [r.id for r in records] == [f"{stem}-{i}" for i in range(4)]
     assert records[0].options == {"A": "Liver", "B": "Brain", "C": "Knee"}
     # text -> its letter; a bare letter -> that letter; option text wins over a letter; case and spaces ignored
@@ -190,13 +162,16 @@ def test_empty_data_set_is_an_error_naming_the_file(tmp_path):
         load_huatuo_eval(str(path))
 
 
-def test_answer_letter_precedence_and_ambiguity():
-    assert answer_letter({"A": "B", "B": "C"}, "B") == "A"
-    assert answer_letter({"A": "Yes", "B": "No"}, "b") == "B"
-    with pytest.raises(_Unusable, match=ANSWER_NOT_IN_OPTIONS):
-        answer_letter({"A": "Yes", "B": "No"}, "No", letter_only=True)
-    with pytest.raises(_Unusable, match="ambiguous_answer"):
-        answer_letter({"A": "Yes", "B": "yes"}, "YES")
+def test_answer_text_wins_over_letter_and_ambiguity_is_skipped(tmp_path):
+    _png(tmp_path / "images" / "a.png", 1)
+    rows = [{"id": i, "image": ["images/a.png"], "question": "q", "options": opts, "answer": ans}
+            for i, (opts, ans) in enumerate([(["B", "C"], "B"), (["Yes", "No"], "b"), (["Yes", "yes"], "YES"),
+                                             (["Yes", "yes"], "yes")])]
+    (tmp_path / "set.json").write_text(json.dumps(rows))
+    records, report = load_huatuo_eval(str(tmp_path / "set.json"))
+    # "B" is the text of option A; a bare "b" is letter B; "YES" equals two texts; "yes" exactly one
+    assert [(r.id, r.answer) for r in records] == [("0", "A"), ("1", "B"), ("3", "B")]
+    assert _skips(report) == [("2", AMBIGUOUS_ANSWER)]
 
 
 # ---------------------------------------------------------------- our JSONL
@@ -337,10 +312,9 @@ def test_split_by_image_groups_same_path(huatuo_file):
 
 
 def test_load_records_dispatch_subset_and_errors(omni_root, huatuo_file):
-    records, report = load_records("omnimedvqa", str(omni_root), modalities=["MRI", "CT"], num=2, seed=42)
-    full, _ = load_omnimedvqa(str(omni_root), modalities=["MRI", "CT"])
-    assert [r.id for r in records] == [r.id for r in seeded_subset(full, 2, 42)]
-    assert report.loaded == 3
+    records, report = load_records("omnimedvqa", str(omni_root), modalities=["MRI", "CT"])
+    assert [r.id for r in records] == ["mri-0", "mri-1", "ct-0"] and report.loaded == 3
+    assert report.not_asked == {XR: 1, "Fundus Photography": 1}  # named as the file spells them
     huatuo, _ = load_records("huatuo", str(huatuo_file), modalities=["X-ray"])
     assert [r.answer for r in huatuo] == ["A"]
     with pytest.raises(LoadError, match="'synthetic' is generated"):

@@ -4,6 +4,7 @@ import pytest
 from rewards import (
     REWARD_FUNCTIONS,
     UnknownRewardError,
+    accuracy_paper_reward,
     accuracy_reward,
     check_weights,
     extract_answer,
@@ -222,6 +223,7 @@ def test_long_pathological_inputs(completion, expected_format, expected_accuracy
 def test_registry_holds_the_builtin_rewards():
     assert REWARD_FUNCTIONS["format"] is format_reward
     assert REWARD_FUNCTIONS["accuracy"] is accuracy_reward
+    assert REWARD_FUNCTIONS["accuracy_paper"] is accuracy_paper_reward
 
 
 def test_score_returns_components_and_weighted_total():
@@ -261,3 +263,52 @@ def test_register_custom_reward_and_refuse_a_clashing_name():
         assert REWARD_FUNCTIONS["format"] is format_reward
     finally:
         REWARD_FUNCTIONS.pop("test_length_penalty")
+
+
+# ---------------------------------------------------------------- the paper's accuracy rule
+
+PAPER_CASES = [
+    # (completion, answer letter, reward by the authors' rule)
+    (wrap("B"), "B", 1.0),  # exactly the right letter alone
+    (wrap(" b "), "B", 1.0),  # upper-cased and stripped before the letters are counted
+    ("<answer>\nB\n</answer>", "B", 1.0),  # the block may span lines
+    ("<ANSWER>B</Answer>", "B", 1.0),  # tags in any case
+    ("Sure. <answer>B</answer> Hope this helps", "B", 1.0),  # the format is the format reward's business
+    (wrap("B"), " b ", 1.0),  # the solution letter is upper-cased and its spaces removed
+    (wrap("B)"), "B", 0.5),  # the right letter with other characters
+    (wrap("(B)"), "B", 0.5),
+    (wrap("B."), "B", 0.5),
+    (wrap("B: 3"), "B", 0.5),
+    (wrap("Yes"), "E", 0.5),  # letters are read inside words: "YES" holds one letter of A-J, E
+    (wrap("No"), "E", 0.0),  # "NO" holds none
+    (wrap("C"), "B", 0.0),  # wrong letter
+    (wrap("B) Left hemisphere"), "B", 0.0),  # "LEFT HEMISPHERE" holds E, F, H, ...: several letters
+    (wrap("Option B"), "B", 0.0),  # I and B
+    (wrap("B B"), "B", 0.0),  # the right letter twice
+    (wrap("A, B"), "B", 0.0),  # two letters
+    (wrap(""), "B", 0.0),  # empty block
+    (wrap("  "), "B", 0.0),
+    (wrap("42"), "B", 0.0),  # no letter
+    ("<think>B</think>", "B", 0.0),  # no answer block
+    ("<answer>C</answer><answer>B</answer>", "B", 0.0),  # only the first block counts
+    ("<answer>B</answer><answer>C</answer>", "B", 1.0),
+]
+
+
+@pytest.mark.parametrize("completion,answer,expected", PAPER_CASES)
+def test_accuracy_paper_follows_the_published_rule(completion, answer, expected):
+    assert accuracy_paper_reward(completion, answer, OPTIONS) == expected
+    assert REWARD_FUNCTIONS["accuracy_paper"](completion, answer, None) == expected  # options play no part
+
+
+def test_accuracy_paper_differs_from_the_default_where_the_paper_gives_half():
+    # The default counts "(B)" and "B) text" as naming B in full; the paper halves the first and zeroes the second.
+    assert [accuracy_reward(wrap(a), "B", OPTIONS) for a in ("(B)", "B) Left hemisphere")] == [1.0, 1.0]
+    assert [accuracy_paper_reward(wrap(a), "B", OPTIONS) for a in ("(B)", "B) Left hemisphere")] == [0.5, 0.0]
+    assert accuracy_paper_reward(None, "B") == 0.0 and accuracy_paper_reward(wrap("B"), None) == 0.0
+
+
+def test_paper_weights_train_on_the_paper_rule_and_watch_the_default():
+    weights = {"format": 1.0, "accuracy_paper": 1.0, "accuracy": 0.0}  # configs/medvlm_r1_2b.yaml
+    components, total = score(wrap("(B)"), "B", OPTIONS, weights)
+    assert components == {"format": 1.0, "accuracy_paper": 0.5, "accuracy": 1.0} and total == 1.5
