@@ -15,10 +15,11 @@ from __future__ import annotations
 import re
 from typing import Mapping, Optional, Sequence, Union
 
+from protocol.choices import LETTERS
 from rewards.registry import register_reward
 
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_LETTER = re.compile(r"[A-J]")
+_LETTER = re.compile(f"[{LETTERS}]")  # A-J, as the authors' code
 
 
 @register_reward("accuracy_paper")

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
+from protocol.choices import LETTERS
 from rewards.registry import register_reward
 
-LETTERS = "ABCDEFGHIJ"
 EXACT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 # `<`, any slashes or spaces, a tag name as a whole word, anything up to the next `>` but never
