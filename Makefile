@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.medvlm-installed
 
-.PHONY: setup demo test test-fast bench clean-venv
+.PHONY: setup demo test test-fast lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -26,10 +26,13 @@ $(STAMP): pyproject.toml tools/torchvision_repair.py
 demo: setup
 	$(VENV)/bin/medvlm-r1 train configs/tiny_cpu.yaml
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -138,15 +138,17 @@ def start_workers(cfg: Config, placement: Placement, model_path: str) -> ActorGr
 
 
 @ray.remote(num_cpus=0)
-def kill_process_tree(pid: int) -> int:
-    """SIGKILL `pid` and every process below it (run on their node); returns how many were killed."""
+def kill_process_tree(pids: list[int]) -> int:
+    """SIGKILL the processes and every process below them (run on their node); returns how many."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return 0
+    procs = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += root.children(recursive=True) + [root]
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
         try:
             p.kill()

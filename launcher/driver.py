@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import ray
 
 from launcher import cluster
-from launcher.actor_group import ActorFailure, ActorGroup
+from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup
 from launcher.config import Config
 from medvqa.record import MedVQARecord
 from protocol.batch import RolloutBatch
@@ -33,7 +33,7 @@ class Actors:
     learners: ActorGroup
     workers: ActorGroup
     placement: cluster.Placement
-    worker_pids: list[int]  # root of each rollout worker's process tree, to kill a stuck one
+    worker_pids: list[list[int]]  # each rollout worker's processes (actor and engine), to kill a stuck one
     learner_port: int  # the learners' own group: a re-formed weight-sync group must not take it
     version: int = 0  # the weight version the rollout workers hold
     restarts: int = 0  # rollout workers replaced so far
@@ -81,7 +81,7 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     addr, (learner_port, sync_port) = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
     learners = cluster.start_learners(cfg, placement, model_path, addr, learner_port)
     workers = cluster.start_workers(cfg, placement, model_path)
-    pids = workers.call("process_id", doing="starting")
+    pids = workers.call("process_ids", doing="starting")
     actors = Actors(cfg, model_path, learners, workers, placement, pids, cfg.cluster.master_port or learner_port)
     join_weight_sync(actors, addr, sync_port)
     return actors
@@ -242,8 +242,9 @@ def sync_with_recovery(actors: Actors, version: int) -> None:
             actors.version = version
             return
         workers = {r.index: r for r in failures if r.kind == actors.workers.kind}
-        if not workers:  # only the learner side failed: nothing to replace
-            raise failures[0]
+        dead_learners = [r for r in failures if r.kind == actors.learners.kind and isinstance(r, ActorDiedError)]
+        if dead_learners or not workers:  # the learner side failed on its own: nothing to replace
+            raise (dead_learners or failures)[0]
         replace_workers(actors, workers, push_weights=False)
 
 
@@ -262,15 +263,15 @@ def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weight
         _kill_worker(actors, index)
         bundle = actors.placement.worker_bundles[index]
         actors.workers.actors[index] = cluster.start_worker(cfg, actors.placement, actors.model_path, index, bundle)
-        actors.worker_pids[index] = actors.workers.call_one(index, "process_id", doing="starting")
+        actors.worker_pids[index] = actors.workers.call_one(index, "process_ids", doing="starting")
     join_weight_sync(actors)
     if push_weights:
         sync_weights(actors, actors.version)
 
 
 def _kill_worker(actors: Actors, index: int) -> None:
-    """SIGKILL the worker's whole process tree on its node (a stopped engine process ignores anything
-    else, and would otherwise outlive its actor), then let Ray forget the actor."""
+    """SIGKILL the worker's processes and anything below them on its node (a stopped engine process
+    ignores anything else, and would otherwise outlive its actor), then let Ray forget the actor."""
     bundle = actors.placement.worker_bundles[index]
     try:
         ray.get(cluster.kill_process_tree.options(scheduling_strategy=actors.placement.strategy(bundle))

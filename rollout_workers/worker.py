@@ -170,10 +170,12 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self._version
 
-    def process_id(self) -> int:
-        """This actor's pid: the root of the process tree (vLLM's engine processes) a stuck worker is
-        killed by."""
-        return os.getpid()
+    def process_ids(self) -> list[int]:
+        """This actor's pid and those of every process below it (vLLM's engine processes): what a stuck
+        or half-dead worker is killed by (an engine process may outlive a killed actor otherwise)."""
+        import psutil
+
+        return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
 
     def shutdown(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
