@@ -1,4 +1,4 @@
-"""`medvlm-r1`: train, eval, report, make-tiny-model."""
+"""`medvlm-r1`: train, sft, eval, report, make-tiny-model."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sft(args) -> int:
+    from launcher.sft_loop import print_summary, run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    print_summary(run_sft(cfg))
+    return 0
+
+
 def _cmd_make_tiny_model(args) -> int:
     from medvqa.tiny_model import build_tiny_model
 
@@ -45,6 +53,17 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    if args.compare or args.base:
+        from launcher.compare import ComparisonError, write_comparison
+
+        try:
+            path = write_comparison([Path(args.run_dir), *map(Path, args.compare)],
+                                    Path(args.base) if args.base else None, Path(args.out or args.run_dir))
+        except (ComparisonError, FileNotFoundError) as exc:
+            print(f"medvlm-r1: cannot compare: {exc}", file=sys.stderr)
+            return 2
+        print(f"comparison written to {path} (and .html, .png)")
+        return 0
     from launcher.report import write_report
 
     path = write_report(Path(args.run_dir))
@@ -59,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config, e.g. configs/tiny_cpu.yaml")
     t.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. learner.lr=5e-7)")
     t.set_defaults(func=_cmd_train)
+    s = sub.add_parser("sft", help="supervised baseline on the same records: medvlm-r1 sft CONFIG [key=value ...]")
+    s.add_argument("config", help="YAML config with an sft section, e.g. configs/tiny_cpu_sft.yaml")
+    s.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. sft.target=letter)")
+    s.set_defaults(func=_cmd_sft)
     m = sub.add_parser("make-tiny-model", help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
@@ -71,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
     r = sub.add_parser("report", help="Markdown and HTML report of a run directory")
     r.add_argument("run_dir")
+    r.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
+                   help="other runs (e.g. SFT) for one table: base, SFT and GRPO rows per modality")
+    r.add_argument("--base", default=None, metavar="EVAL_DIR",
+                   help="base-model evaluation (medvlm-r1 eval --out) instead of the GRPO run's step 0")
+    r.add_argument("--out", default=None, help="folder for comparison.md/.html/.png (default: RUN_DIR)")
     r.set_defaults(func=_cmd_report)
     return p
 

@@ -110,6 +110,19 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """`medvlm-r1 sft`: supervised fine-tuning on the training records of `data` (the baseline of the
+    paper's comparison). The paper publishes no SFT recipe: every default here is a guess. Model, data,
+    learner (ranks, ZeRO, precision, micro-batches, schedule), evaluation and logging come from the other
+    sections, as for `train`; see learner/sft.py for the targets."""
+    target: str = "think_answer"  # think_answer: <think>fixed sentence</think><answer>B</answer> | letter: <answer>B</answer>
+    epochs: int = 2  # passes over the training records; ignored when `steps` is set
+    steps: Optional[int] = None  # optimiser steps (overrides `epochs`)
+    batch_size: int = 16  # records per optimiser step, shared evenly by the learner ranks
+    lr: float = 1e-5  # peak AdamW learning rate (schedule and warmup: learner.lr_schedule, learner.warmup_steps)
+
+
+@dataclass
 class LoggingConfig:
     run_dir: Optional[str] = None  # output folder; default runs/<name>-<time>
     name: str = "medvlm-r1"  # run name (W&B name and run-dir prefix)
@@ -143,6 +156,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -284,6 +298,7 @@ def validate(cfg: Config) -> None:
     cfg.train.resume = normalize_resume(cfg.train.resume)
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
     _check(bool(cfg.rewards.weights), "rewards.weights", "needs at least one reward")
+    _validate_sft(cfg)
     if cfg.learner.precision == "fp16" and cfg.cluster.device == "cpu":
         raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")
 
@@ -293,6 +308,18 @@ def normalize_resume(value) -> str:
     "false"; "auto" and paths stay."""
     text = str(value).strip()
     return "false" if text.lower() in ("false", "none", "null", "no", "0", "") else text
+
+
+def _validate_sft(cfg: Config) -> None:
+    from learner.sft import TARGETS
+
+    s = cfg.sft
+    _check(s.target in TARGETS, "sft.target", f"must be one of {', '.join(TARGETS)}, got {s.target!r}")
+    _check(s.epochs >= 1, "sft.epochs", f"must be at least 1, got {s.epochs}")
+    _check(s.steps is None or s.steps >= 1, "sft.steps", f"must be at least 1, got {s.steps}")
+    _check(s.lr > 0, "sft.lr", f"must be positive, got {s.lr}")
+    _check(s.batch_size >= 1 and s.batch_size % cfg.learner.num_ranks == 0, "sft.batch_size",
+           f"{s.batch_size} records cannot be shared evenly by learner.num_ranks={cfg.learner.num_ranks}")
 
 
 def to_dict(cfg: Config) -> dict:

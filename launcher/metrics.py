@@ -16,6 +16,8 @@ STEP_KEYS = (
     "response_length/mean", "clip_fraction", "grad_norm", "lr", "weight_version",
     "time/generate_s", "time/train_s", "time/sync_s", "time/step_s", "throughput/tokens_per_s",
 )
+# ... and every step row of a supervised run (`medvlm-r1 sft`) these.
+SFT_STEP_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "num_tokens", "time/step_s", "throughput/tokens_per_s")
 
 
 def _clean(value):
@@ -55,14 +57,20 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 
 class MetricsSink:
-    """One object per run: append a row per step, mirror it to W&B, draw the progress bar."""
+    """One object per run: append a row per step, mirror it to W&B, draw the progress bar.
+
+    `step_keys` must be in every step row; `bar_keys` are (label, key) pairs shown on the bar.
+    """
 
     def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int,
-                 resume_step: Optional[int] = None, wandb_id: Optional[str] = None):
+                 resume_step: Optional[int] = None, wandb_id: Optional[str] = None,
+                 step_keys: tuple = STEP_KEYS, desc: str = "grpo",
+                 bar_keys: tuple = (("reward", "reward/total"), ("acc", "reward/accuracy"))):
         """A resumed run (`resume_step`, the checkpoint's step) keeps each step once: rows written
         after the checkpoint by the interrupted run are dropped, and W&B continues run `wandb_id`."""
         self.run_dir = Path(run_dir)
         self.cfg = logging_cfg
+        self.step_keys, self.bar_keys = step_keys, bar_keys
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -74,7 +82,7 @@ class MetricsSink:
         if logging_cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="grpo", unit="step",
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc=desc, unit="step",
                              dynamic_ncols=True)
 
     def _start_wandb(self, config_dict: dict, run_id: Optional[str]):
@@ -90,14 +98,13 @@ class MetricsSink:
         )
 
     def log_step(self, row: dict) -> None:
-        missing = [k for k in STEP_KEYS if k not in row]
+        missing = [k for k in self.step_keys if k not in row]
         if missing:
             raise KeyError(f"metrics row for step {row.get('step')} lacks {missing}")
         self.log_row(row)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix({"reward": f"{row['reward/total']:.3f}",
-                                   "acc": f"{row['reward/accuracy']:.3f}"}, refresh=False)
+            self._bar.set_postfix({label: f"{row[k]:.3f}" for label, k in self.bar_keys}, refresh=False)
 
     def log_row(self, row: dict) -> None:
         """Any row with a `step` (step metrics or evaluation results) goes to both sinks."""

@@ -29,7 +29,7 @@ def load_evaluations(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def accuracy_table(evals: dict[int, dict], train_sets: list[str]) -> list[str]:
+def accuracy_table(evals: dict[int, dict], train_sets: list[str], method: str = "GRPO") -> list[str]:
     """Markdown rows: one per checkpoint (start, end), columns in the paper's order, then the overall mean."""
     if not evals:
         return ["(no evaluation was run)"]
@@ -39,7 +39,7 @@ def accuracy_table(evals: dict[int, dict], train_sets: list[str]) -> list[str]:
     header = "| checkpoint | " + " | ".join(mark(n) for n in names) + " | overall |"
     rows = [header, "|" + "---|" * (len(names) + 2)]
     first, last = min(evals), max(evals)
-    for label, step in (("start of GRPO (step 0)", first), (f"GRPO (step {last})", last)):
+    for label, step in ((f"start of {method} (step {first})", first), (f"{method} (step {last})", last)):
         res = evals[step]
         cells = [f"{100 * res[n]['accuracy']:.2f}" for n in names]
         overall = res.get("overall", res[names[0]])["accuracy"]
@@ -93,21 +93,21 @@ def write_report(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a training run directory")
     metrics = _read_jsonl(metrics_path)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    train_sets = _train_modalities(run_dir)
+    train_sets = train_modalities(run_dir)
     md = [f"# MedVLM-R1 run report: {run_dir.name}", "",
           "## Held-out accuracy (%) per modality, greedy decoding", "",
-          *accuracy_table(load_evaluations(run_dir), train_sets), "",
+          *accuracy_table(load_evaluations(run_dir), train_sets, summary.get("method", "grpo").upper()), "",
           f"Trained on: {', '.join(train_sets) or 'unknown'}.", "", "## Curves", ""]
     md += [f"![{f}]({f})" for f in plot_curves(metrics, run_dir)] + [""]
     md += ["## Training rewards", ""] + [f"- {k}: {v:.3f}" for k, v in summary.items() if isinstance(v, float)]
     md += ["", "## Sample completions", "", *_sample_section(_read_jsonl(run_dir / "samples.jsonl"))]
     text = "\n".join(md) + "\n"
     (run_dir / "report.md").write_text(text)
-    (run_dir / "report.html").write_text(_to_html(text, run_dir.name))
+    (run_dir / "report.html").write_text(markdown_to_html(text, run_dir.name))
     return run_dir / "report.md"
 
 
-def _train_modalities(run_dir: Path) -> list[str]:
+def train_modalities(run_dir: Path) -> list[str]:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         return []
@@ -116,7 +116,7 @@ def _train_modalities(run_dir: Path) -> list[str]:
     return list(OmegaConf.load(cfg_path).data.train_modalities)
 
 
-def _to_html(markdown: str, title: str) -> str:
+def markdown_to_html(markdown: str, title: str) -> str:
     """A small Markdown subset (headings, tables, images, code, lists) is all the report uses."""
     body, in_code, in_table = [], False, False
     for line in markdown.splitlines():

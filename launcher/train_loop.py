@@ -42,7 +42,7 @@ def run_training(cfg: Config) -> RunResult:
     train_records, eval_sets = build_datasets(cfg.data)  # data errors surface before anything heavy starts
     log.info("%d training prompts; evaluation sets %s", len(train_records), {k: len(v) for k, v in eval_sets.items()})
     cluster.start_ray(cfg)
-    model_path = saved["model_path"] if saved else _starting_policy(cfg, run_dir, train_records)
+    model_path = saved["model_path"] if saved else starting_policy(cfg, run_dir, train_records)
     stops.check()
     actors = driver.start_actors(cfg, model_path)
     sink = None
@@ -65,7 +65,8 @@ def run_training(cfg: Config) -> RunResult:
         driver.stop_actors(actors)
 
 
-def _starting_policy(cfg: Config, run_dir: Path, train_records) -> str:
+def starting_policy(cfg: Config, run_dir: Path, train_records) -> str:
+    """The policy's first checkpoint: the configured model, after the format warm-up when one is asked for."""
     model_path = driver.prepare_model(cfg)
     if cfg.train.format_warmup_steps > 0:
         model_path = driver.format_warmup(cfg, model_path, train_records, run_dir)
@@ -155,11 +156,7 @@ class Run:
         self.last_checkpoint = checkpoint
 
     def _evaluate(self, step: int) -> dict:
-        t0 = time.perf_counter()
-        results, rows = evaluate_sets(self.actors.workers, self.eval_sets, self.cfg.rollout.max_new_tokens)
-        write_outputs(self.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
-        self.sink.log_row({"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0})
-        return results
+        return evaluate_and_log(self.cfg, self.actors, self.sink, self.eval_sets, step)
 
     def finish(self, summary: dict) -> RunResult:
         final_dir = self.run_dir / "final"
@@ -171,6 +168,15 @@ class Run:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         return RunResult(self.run_dir, final_dir, summary)
+
+
+def evaluate_and_log(cfg: Config, actors: driver.Actors, sink: MetricsSink, eval_sets: dict, step: int) -> dict:
+    """Greedy evaluation by the rollout workers (with the weights last synced), written to eval/stepNNNNNN."""
+    t0 = time.perf_counter()
+    results, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens)
+    write_outputs(sink.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
+    sink.log_row({"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0})
+    return results
 
 
 def _step(cfg: Config, actors: driver.Actors, sampler: PromptSampler, step: int, version: int):
@@ -196,7 +202,7 @@ def _step(cfg: Config, actors: driver.Actors, sampler: PromptSampler, step: int,
 def _summarize(history: list[dict], evals: dict) -> dict:
     window = max(1, min(10, len(history) // 2)) if history else 0
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else None  # noqa: E731
-    out = {"steps": len(history)}
+    out = {"method": "grpo", "steps": len(history)}
     for key in ("reward/accuracy", "reward/format", "reward/total"):
         out[f"first{window}/{key}"] = mean(history[:window], key)
         out[f"last{window}/{key}"] = mean(history[-window:], key)

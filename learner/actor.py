@@ -16,6 +16,7 @@ from learner import ds_config, zero_params
 from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule
+from learner.sft import sft_micro_batches, sft_step
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
 from protocol.batch import RolloutBatch
 from medvqa.record import MedVQARecord
@@ -121,6 +122,17 @@ class LearnerRank:
                                  pad, prompt_keys=range(len(prompts))) for idx in chunks]
         return StepPlan(batch=batch, prompts=prompts, micro_batches=micro, sample_indices=chunks,
                         device=self.device, freeze_vision=self.cfg.model.freeze_vision)
+
+    def train_sft(self, records: list[MedVQARecord], target: str) -> dict[str, float]:
+        """One supervised optimiser step on this rank's records (see learner/sft.py); every rank
+        must get as many records, so that ZeRO's collectives stay in step."""
+        if not records:
+            raise ValueError("train_sft got no records")
+        t0 = time.perf_counter()
+        micro = sft_micro_batches(records, self.processor, target, self.cfg.learner.micro_batch_size)
+        metrics = sft_step(self.engine, micro, self.device, self.world_size)
+        metrics["time/learner_s"] = time.perf_counter() - t0
+        return metrics
 
     def completion_logprobs(self, record: MedVQARecord, prompt_token_ids: list[int],
                             completion_token_ids: list[int], temperature: float = 1.0) -> list[float]:

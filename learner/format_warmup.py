@@ -19,6 +19,7 @@ import torch
 from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import EncodedPrompt, collate_samples, encode_prompt
 from learner.policy import PolicyModule, batch_kwargs
+from learner.sft import completion_cross_entropy, completion_ids, masked_sum
 from medvqa.record import MedVQARecord
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class FormatTarget:
 def format_target(tokenizer, rng: random.Random, record: MedVQARecord) -> FormatTarget:
     reasoning = rng.choice(REASONING)
     letters = sorted(record.options)
-    variants = [_target_ids(tokenizer, format_text(reasoning, letter)) for letter in letters]
+    variants = [completion_ids(tokenizer, format_text(reasoning, letter)) for letter in letters]
     chosen = variants[rng.randrange(len(letters))]
     differ = None
     if all(len(v) == len(chosen) for v in variants):
@@ -62,10 +63,6 @@ def format_target(tokenizer, rng: random.Random, record: MedVQARecord) -> Format
     if differ is None or len(differ) != 1:
         return FormatTarget(chosen, None, [])
     return FormatTarget(chosen, differ[0], [v[differ[0]] for v in variants])
-
-
-def _target_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 class _PromptCache:
@@ -95,15 +92,14 @@ def _step_loss(policy: PolicyModule, cache: _PromptCache, records, rng: random.R
     batch = collate_samples(prompts, list(range(len(picks))), [t.ids for t in targets], tok.pad_token_id or 0,
                             prompt_keys=picks)
     feats = torch.cat([cache.feats[k] for k in batch.prompt_keys])
-    logits = policy(**batch_kwargs(batch, feats, cache.device))[:, :-1].float()
-    tokens, mask = (t.to(cache.device) for t in batch.completion_targets())
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    logits = policy(**batch_kwargs(batch, feats, cache.device))
+    ce, mask = completion_cross_entropy(logits, batch)
     for row, (prompt, target) in enumerate(zip(prompts, targets)):
         if target.letter_pos is not None:
             col = len(prompt.input_ids) - batch.min_prompt_len + target.letter_pos
-            logp = torch.log_softmax(logits[row, col], dim=-1)
+            logp = torch.log_softmax(logits[row, col].float(), dim=-1)
             ce[row, col] = -logp[target.letter_ids].mean()
-    return (ce * mask).sum() / mask.sum()
+    return masked_sum(ce, mask) / mask.sum()
 
 
 def warmup_format(model_path: str, out_dir: str, records: Sequence[MedVQARecord], steps: int, lr: float,

@@ -81,7 +81,7 @@ def _all_logprobs(module, plan: StepPlan, feats, temperature) -> list[torch.Tens
             for mb in plan.micro_batches]
 
 
-def _all_reduce(values: list[float], world_size: int, device, op=dist.ReduceOp.SUM) -> list[float]:
+def reduce_over_ranks(values: list[float], world_size: int, device, op=dist.ReduceOp.SUM) -> list[float]:
     """The values combined over the learner ranks (each rank must call with as many values)."""
     if world_size == 1:
         return list(values)
@@ -100,7 +100,7 @@ def micro_weights(plan: StepPlan, loss_agg: str, world_size: int) -> list[float]
         sizes = [float(mb.completion_mask.sum()) for mb in plan.micro_batches]
     else:
         sizes = [float(mb.input_ids.shape[0]) for mb in plan.micro_batches]
-    (total,) = _all_reduce([sum(sizes)], world_size, plan.device)
+    (total,) = reduce_over_ranks([sum(sizes)], world_size, plan.device)
     return [world_size * s / total if total > 0 else 0.0 for s in sizes]
 
 
@@ -126,15 +126,15 @@ def _mismatch(plan: StepPlan, old: list[torch.Tensor], world_size: int) -> dict[
         diff = (lp - _sampling_logprobs(plan, m, lp)).abs()[mask]
         total, count = total + float(diff.sum()), count + diff.numel()
         worst = max(worst, float(diff.max())) if diff.numel() else worst
-    total, count = _all_reduce([total, count], world_size, plan.device)
-    (worst,) = _all_reduce([worst], world_size, plan.device, op=dist.ReduceOp.MAX)
+    total, count = reduce_over_ranks([total, count], world_size, plan.device)
+    (worst,) = reduce_over_ranks([worst], world_size, plan.device, op=dist.ReduceOp.MAX)
     return {"logprob_diff/mean_abs": total / max(count, 1.0), "logprob_diff/max_abs": worst}
 
 
 def _check_same_micro_batch_count(plan: StepPlan, world_size: int) -> None:
     """Ranks that run different numbers of micro-batches deadlock in ZeRO's collectives: fail instead."""
     n = len(plan.micro_batches)
-    most, neg_least = _all_reduce([n, -n], world_size, plan.device, op=dist.ReduceOp.MAX)
+    most, neg_least = reduce_over_ranks([n, -n], world_size, plan.device, op=dist.ReduceOp.MAX)
     if most != -neg_least:
         raise ValueError(f"learner ranks got shards of {-neg_least:.0f} to {most:.0f} micro-batches; every rank "
                          f"needs the same number (give each rank as many samples)")
@@ -171,7 +171,7 @@ def run_train_step(engine, reference, plan: StepPlan, cfg: Config, world_size: i
     passes = [_one_pass(engine, plan, inputs, cfg) for _ in range(cfg.learner.mu)]
     metrics = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0] if k != "_logprobs"}
     metrics.update(_mismatch(plan, inputs.old if inputs.old is not None else passes[0]["_logprobs"], world_size))
-    abs_sum, n = _all_reduce([float(inputs.advantages.abs().sum()), inputs.advantages.numel()], world_size,
+    abs_sum, n = reduce_over_ranks([float(inputs.advantages.abs().sum()), inputs.advantages.numel()], world_size,
                              plan.device)
     metrics["advantage/abs_mean"] = abs_sum / n
     return metrics
@@ -194,7 +194,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
             g.loss_agg, max_len=cfg.rollout.max_new_tokens)
         engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
         if m == last and engine.zero_optimization_stage() == 0:
-            fallback_norm = _plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
+            fallback_norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
         engine.step()
         seen.append(logprobs.detach())
         sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
@@ -202,7 +202,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
         sums["num_tokens"] += stats["num_tokens"]
         for k in _TOKEN_STATS:
             sums[k] += stats[k] * stats["num_tokens"]
-    sums = dict(zip(sums, _all_reduce(list(sums.values()), inputs.world_size, plan.device)))
+    sums = dict(zip(sums, reduce_over_ranks(list(sums.values()), inputs.world_size, plan.device)))
     n = max(sums["num_tokens"], 1.0)
     norm = engine.get_global_grad_norm()
     norm = fallback_norm if norm is None else norm
@@ -211,7 +211,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
             "grad_norm": float(norm) if norm is not None else float("nan"), "_logprobs": seen}
 
 
-def _plain_grad_norm(engine) -> float:
+def plain_grad_norm(engine) -> float:
     """Global L2 norm of the (already averaged) gradients of an engine without ZeRO."""
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
