@@ -183,7 +183,7 @@ def comparison_table(rows: list[EvalRow], train_sets: list[str]) -> list[str]:
     return out
 
 
-def plot_bars(rows: list[EvalRow], out: Path) -> None:
+def plot_bars(rows: list[EvalRow], train_sets: list[str], out: Path) -> None:
     names = [*column_names(rows[0]), "overall"]
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -192,8 +192,11 @@ def plot_bars(rows: list[EvalRow], out: Path) -> None:
         values = [100 * row.accuracy(n) for n in names]
         bars = ax.bar(xs, values, width, label=row.label)
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("held-out accuracy (%)"), ax.set_ylim(0, 110), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+    ticks = [n if not train_sets or n == "overall" else f"{n}\n({'in' if n in train_sets else 'out of'} domain)"
+             for n in names]
+    ax.set_xticks(range(len(names)), ticks)
+    ax.set_ylabel("held-out accuracy (%)"), ax.set_ylim(0, 122), ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(rows), loc="upper center")
     fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
 
 
@@ -203,7 +206,7 @@ def write_comparison(runs: list[Path], base: Optional[Path], out_dir: Path) -> P
     check_comparable(rows, runs)
     train_sets = next((t for r in runs if (t := train_modalities(r))), [])
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_bars(rows, out_dir / "comparison.png")
+    plot_bars(rows, train_sets, out_dir / "comparison.png")
     md = ["# Base model, SFT and GRPO on the same held-out records", "",
           "Accuracy (%) per modality, greedy decoding, counted from each evaluation's predictions.jsonl; "
           "the last rows give the change in points.", "", *comparison_table(rows, train_sets), "",
