@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.medvlm-installed
 
-.PHONY: setup demo test test-fast lint bench clean-venv
+.PHONY: setup demo compare test test-fast lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,16 @@ $(STAMP): pyproject.toml tools/torchvision_repair.py
 
 demo: setup
 	$(VENV)/bin/medvlm-r1 train configs/tiny_cpu.yaml
+
+# The paper's comparison at tiny scale: GRPO and SFT on the same synthetic MRI records, one table (base / SFT / GRPO
+# on MRI, CT, X-ray). Writes $(COMPARE_DIR)/{grpo,sft} and $(COMPARE_DIR)/comparison.{md,html,png}; a rerun replaces them.
+COMPARE_DIR ?= runs/compare
+compare: setup
+	rm -rf $(COMPARE_DIR)/grpo $(COMPARE_DIR)/sft
+	$(VENV)/bin/medvlm-r1 train configs/tiny_cpu.yaml logging.run_dir=$(COMPARE_DIR)/grpo
+	$(VENV)/bin/medvlm-r1 sft configs/tiny_cpu_sft.yaml logging.run_dir=$(COMPARE_DIR)/sft
+	$(VENV)/bin/medvlm-r1 report $(COMPARE_DIR)/grpo --compare $(COMPARE_DIR)/sft --out $(COMPARE_DIR)
+	cat $(COMPARE_DIR)/comparison.md
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -56,7 +56,10 @@ def read_eval_folder(label: str, detail: str, folder: Path) -> EvalRow:
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ComparisonError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from None
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
             raise ComparisonError(f"{path}:{lineno}: prediction row lacks {missing}")

@@ -121,5 +121,10 @@ def test_a_malformed_prediction_row_names_file_and_line(runs, tmp_path):
     lines = path.read_text().splitlines()
     lines[2] = json.dumps({"id": "MRI-2", "set": "MRI"})
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ComparisonError, match=r"predictions.jsonl:3: prediction row lacks \['answer', 'prompt', 'correct'\]"):
+    lacks = r"predictions.jsonl:3: prediction row lacks \['answer', 'prompt', 'correct'\]"
+    with pytest.raises(ComparisonError, match=lacks):
+        write_comparison([grpo, sft], None, tmp_path / "cmp")
+    lines[2] = '{"id": "MRI-2", "set": '
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ComparisonError, match=r"predictions.jsonl:3: not a JSON object"):
         write_comparison([grpo, sft], None, tmp_path / "cmp")
