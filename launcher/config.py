@@ -314,7 +314,7 @@ def _validate_sft(cfg: Config) -> None:
     from learner.sft import TARGETS
 
     s = cfg.sft
-    _check(s.target in TARGETS, "sft.target", f"must be one of {', '.join(TARGETS)}, got {s.target!r}")
+    _one_of(s.target, TARGETS, "sft.target")
     _check(s.epochs >= 1, "sft.epochs", f"must be at least 1, got {s.epochs}")
     _check(s.steps is None or s.steps >= 1, "sft.steps", f"must be at least 1, got {s.steps}")
     _check(s.lr > 0, "sft.lr", f"must be positive, got {s.lr}")

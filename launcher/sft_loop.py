@@ -98,8 +98,8 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int) -> dict:
     t0 = time.perf_counter()
     records = sampler.draw(cfg.sft.batch_size)
     world = len(actors.learners)
-    futures = [lr.train_sft.remote(records[r::world], cfg.sft.target) for r, lr in enumerate(actors.learners)]
-    stats = driver.gather(futures, [f"learner rank {r}" for r in range(world)], "training (sft)")
+    stats = actors.learners.call_each("train_sft", [(records[r::world], cfg.sft.target) for r in range(world)],
+                                      doing="training (sft)")
     elapsed = time.perf_counter() - t0
     s = stats[0]  # every rank returns the step's numbers over all ranks
     return {"step": step, "epoch": sampler.epoch + sampler.position / len(sampler.records),
