@@ -53,7 +53,7 @@ def completion_cross_entropy(logits: torch.Tensor, batch: SampleBatch) -> tuple[
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over masked-in positions; a where, not a product, so a non-finite value under the mask stays out."""
+    """Sum over masked-in positions; a where, not a product: an inf at a masked-out position would give NaN."""
     return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
 
 
