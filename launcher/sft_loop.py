@@ -50,6 +50,9 @@ def run_sft(cfg: Config) -> RunResult:
     train_records, eval_sets = build_datasets(cfg.data)
     steps = sft_steps(cfg, len(train_records))
     log.info("SFT: %d steps of %d records (target %s, lr %g)", steps, cfg.sft.batch_size, cfg.sft.target, cfg.sft.lr)
+    if cfg.train.checkpoint_every:
+        log.warning("train.checkpoint_every=%d is ignored: an SFT run writes no full checkpoints (only final/ "
+                    "and train.save_every policies)", cfg.train.checkpoint_every)
     cluster.start_ray(cfg)
     view = learner_view(cfg, steps)
     actors = driver.start_actors(view, starting_policy(cfg, run_dir, train_records))
