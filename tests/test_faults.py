@@ -91,17 +91,24 @@ def test_rollout_worker_faults_are_survived(tmp_path):
     print("recovery time, fault to next step done:", {k: f"{v:.1f} s" for k, v in recovery.items()})
 
 
-@pytest.mark.timeout(900)
-def test_restart_budget_exhausted_names_the_worker(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _start(run_dir, "train.steps=50", "cluster.max_worker_restarts=0")
+def _kill_after_step(run_dir: Path, step: int, marker: str, *extra: str) -> tuple[subprocess.Popen, str, float]:
+    """Start a run, SIGKILL the process matching `marker` once `step` is logged; (process, stderr,
+    seconds from the kill to the run's exit)."""
+    proc = _start(run_dir, "train.steps=50", *extra)
     try:
-        _wait_for_step(proc, run_dir, 1)
-        _descendant(proc, "EngineCore").kill()
+        _wait_for_step(proc, run_dir, step)
+        _descendant(proc, marker).kill()
+        killed = time.monotonic()
         _, err = proc.communicate(timeout=300)
+        return proc, err, time.monotonic() - killed
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(900)
+def test_restart_budget_exhausted_names_the_worker(tmp_path):
+    proc, err, _ = _kill_after_step(tmp_path / "run", 1, "EngineCore", "cluster.max_worker_restarts=0")
     assert proc.returncode == 1, err[-3000:]
     assert "rollout worker 0 failed and cluster.max_worker_restarts=0 replacements are used up" in err, err[-3000:]
 
@@ -109,16 +116,7 @@ def test_restart_budget_exhausted_names_the_worker(tmp_path):
 @pytest.mark.timeout(900)
 def test_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, "train.steps=50", "train.checkpoint_every=1")
-    try:
-        _wait_for_step(proc, run_dir, 2)
-        _descendant(proc, "ray::LearnerRank").kill()
-        killed = time.monotonic()
-        _, err = proc.communicate(timeout=300)
-        took = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, err, took = _kill_after_step(run_dir, 2, "ray::LearnerRank", "train.checkpoint_every=1")
     assert proc.returncode == 1, err[-3000:]
     assert "learner rank 0 died while" in err and "cannot be replaced in place" in err, err[-3000:]
     assert f"logging.run_dir={run_dir}" in err and "resume from" in err
