@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from launcher.config import ConfigError, load_config
+from protocol.profile import ProfileError
 
 
 def _cmd_train(args) -> int:
@@ -117,6 +118,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"medvlm-r1: config error: {exc}", file=sys.stderr)
+        return 2
+    except ProfileError as exc:
+        print(f"medvlm-r1: {exc}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import socket
+from typing import Optional
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -12,6 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.actor_group import ActorGroup
 from launcher.config import Config
+from protocol.profile import check_torch_for
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,9 @@ def actor_env(cfg: Config) -> dict:
 
 
 def start_ray(cfg: Config) -> None:
-    """Join cfg.cluster.ray_address or RAY_ADDRESS when given, else start a local instance."""
+    """Join cfg.cluster.ray_address or RAY_ADDRESS when given, else start a local instance. First,
+    refuse a GPU run on a CPU-only torch (every command that uses the cluster starts here)."""
+    check_torch_for(cfg.cluster.device, "driver")
     if ray.is_initialized():
         return
     address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
@@ -46,15 +50,20 @@ def start_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
-def actor_gpus(cfg: Config, role: str) -> int:
+COLOCATED_GPU_SHARE = 0.5
+
+
+def actor_gpus(cfg: Config, role: str) -> float:
     """The one rule for GPUs per actor: a learner rank (and the format warm-up) holds one GPU, a rollout
-    worker one per tensor-parallel shard of its engine; nothing holds a GPU on the CPU profile."""
+    worker one per tensor-parallel shard of its engine; colocated, each holds half of the GPU they share
+    (Ray's share only places them together: vLLM's memory is bounded by rollout.gpu_memory_utilization).
+    Nothing holds a GPU on the CPU profile."""
     if cfg.cluster.device != "gpu":
         return 0
     per_role = {"learner": 1, "worker": cfg.rollout.tensor_parallel_size}
     if role not in per_role:
         raise ValueError(f"unknown actor role {role!r}; expected one of {sorted(per_role)}")
-    return per_role[role]
+    return COLOCATED_GPU_SHARE if cfg.cluster.colocate else per_role[role]
 
 
 def _bundle(cfg: Config, role: str) -> dict:
@@ -76,17 +85,34 @@ class Placement:
 
 
 def place(cfg: Config, with_learners: bool = True, timeout_s: float = 600) -> Placement:
-    """One bundle per learner rank, then one per rollout worker (disaggregated: no device is shared).
-    Evaluation alone places the workers only."""
+    """One bundle per learner rank, then one per rollout worker (disaggregated: no device is shared);
+    colocated, one bundle per pair. Evaluation alone places the workers only."""
+    if cfg.cluster.colocate:
+        return _place_colocated(cfg, with_learners, timeout_s)
     learner = [_bundle(cfg, "learner") for _ in range(cfg.learner.num_ranks if with_learners else 0)]
     workers = [_bundle(cfg, "worker") for _ in range(cfg.rollout.num_workers)]
-    group = placement_group(learner + workers, strategy="PACK")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-    if not ready:
-        raise RuntimeError(f"Ray could not place {len(learner)} learner and {len(workers)} rollout bundles "
-                           f"({learner + workers}) within {timeout_s:.0f} s; cluster has {ray.cluster_resources()}")
+    group = _ready_group(learner + workers, f"{len(learner)} learner and {len(workers)} rollout bundles", timeout_s)
     n = len(learner)
     return Placement(group, list(range(n)), list(range(n, n + len(workers))))
+
+
+def _place_colocated(cfg: Config, with_learners: bool, timeout_s: float) -> Placement:
+    """Bundle i holds learner rank i and rollout worker i: their CPUs and, on GPU, one whole GPU."""
+    n = cfg.rollout.num_workers
+    cpus = cfg.cluster.cpus_per_actor * (2 if with_learners else 1)
+    bundle = {"CPU": cpus, **({"GPU": 1} if cfg.cluster.device == "gpu" else {})}
+    group = _ready_group([dict(bundle) for _ in range(n)], f"{n} colocated bundles", timeout_s)
+    return Placement(group, list(range(n)) if with_learners else [], list(range(n)))
+
+
+def _ready_group(bundles: list[dict], what: str, timeout_s: float):
+    group = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise RuntimeError(f"Ray could not place {what} ({bundles}) within {timeout_s:.0f} s; cluster has "
+                           f"{ray.cluster_resources()}")
+    return group
 
 
 @ray.remote(num_cpus=0)
@@ -108,10 +134,21 @@ def rendezvous(placement: Placement, bundle: int, count: int) -> tuple[str, list
     return ray.get(_address_and_free_ports.options(scheduling_strategy=placement.strategy(bundle)).remote(count))
 
 
+def group_ports(cfg: Config, drawn: list[int]) -> tuple[int, int]:
+    """(learner group port, weight-sync port) from two distinct free ports of one `rendezvous` call.
+
+    A configured cluster.master_port is used for the learners' group; the sync port is then the first
+    drawn port that differs from it, so the two never collide.
+    """
+    if len(drawn) < 2 or len(set(drawn)) != len(drawn):
+        raise ValueError(f"need two distinct drawn ports, got {drawn}")
+    learner = cfg.cluster.master_port or drawn[0]
+    return learner, next(p for p in drawn if p != learner)
+
+
 def start_learners(cfg: Config, placement: Placement, model_path: str, addr: str, port: int) -> ActorGroup:
     from learner.actor import LearnerRank
 
-    port = cfg.cluster.master_port or port
     cls = ray.remote(LearnerRank)
     world = cfg.learner.num_ranks
     return ActorGroup("learner rank", [
@@ -156,3 +193,22 @@ def kill_process_tree(pids: list[int]) -> int:
             pass
     psutil.wait_procs(procs, timeout=10)
     return len(procs)
+
+
+def wait_started(groups: list[ActorGroup], timeout_s: Optional[float] = None) -> None:
+    """Return once every actor's constructor has finished (a learner has loaded its model, an engine
+    has started, CUDA graphs captured); a constructor that failed is raised naming its actor."""
+    calls = [g.submit("__ray_ready__") for g in groups]
+    sum(calls[1:], calls[0]).wait("starting up", timeout_s=timeout_s)
+
+
+def start_colocated(cfg: Config, placement: Placement, model_path: str, addr: str,
+                    port: int) -> tuple[ActorGroup, ActorGroup]:
+    """Engines first, alone on their GPUs while vLLM measures the memory it may take; then they sleep
+    (GPU) and the learner ranks load beside them."""
+    workers = start_workers(cfg, placement, model_path)
+    wait_started([workers])
+    workers.call("sleep", doing="putting the engines to sleep before the learners load")
+    learners = start_learners(cfg, placement, model_path, addr, port)
+    wait_started([learners])
+    return learners, workers

@@ -56,7 +56,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 512  # completion length cap; longer samples are marked "length"
     max_model_len: int = 2048  # vLLM context length (prompt + completion)
-    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (GPU profile)
+    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (GPU profile); colocated, the learner has the rest
     kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
     timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
@@ -142,9 +142,10 @@ class ClusterConfig:
     ray_address: Optional[str] = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
     num_cpus: Optional[int] = None  # CPUs for a local Ray instance (None: all)
     cpus_per_actor: float = 1.0  # CPU share reserved per actor in its placement bundle
-    sync_backend: str = "auto"  # weight sync transport (protocol.weight_update.SYNC_BACKENDS); auto: nccl on gpu, gloo on cpu
+    sync_backend: str = "auto"  # weight sync transport (protocol.weight_update.SYNC_BACKENDS); auto: nccl on gpu, gloo on cpu (ipc on gpu when colocated)
     master_port: int = 0  # port for the learner's torch.distributed group (0: pick a free one)
     max_worker_restarts: int = 3  # dead or stuck rollout workers replaced per run before the run stops
+    colocate: bool = False  # learner rank i and rollout engine i share one GPU (one bundle); the engine sleeps while the learner trains
 
 
 @dataclass
@@ -286,6 +287,9 @@ def validate(cfg: Config) -> None:
     _one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
     _one_of(cfg.cluster.device, DEVICES, "cluster.device")
     _one_of(cfg.cluster.sync_backend, SYNC_BACKENDS, "cluster.sync_backend")
+    _check(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1), got {r.gpu_memory_utilization}")
+    _check_colocation(cfg)
     _one_of(cfg.data.source, ("synthetic",) + tuple(SOURCES), "data.source")
     _check(2 <= cfg.data.num_options <= 10, "data.num_options", "must be between 2 and 10")
     _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
@@ -320,6 +324,23 @@ def _validate_sft(cfg: Config) -> None:
     _check(s.lr > 0, "sft.lr", f"must be positive, got {s.lr}")
     _check(s.batch_size >= 1 and s.batch_size % cfg.learner.num_ranks == 0, "sft.batch_size",
            f"{s.batch_size} records cannot be shared evenly by learner.num_ranks={cfg.learner.num_ranks}")
+
+
+def _check_colocation(cfg: Config) -> None:
+    from protocol.weight_update import resolve_backend
+
+    c, r = cfg.cluster, cfg.rollout
+    try:
+        resolve_backend(c.sync_backend, c.device, c.colocate)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'cluster.sync_backend': {exc}") from None
+    if not c.colocate:
+        return
+    _check(r.num_workers == cfg.learner.num_ranks, "rollout.num_workers",
+           f"with cluster.colocate each learner rank shares its GPU with one engine: set rollout.num_workers="
+           f"{cfg.learner.num_ranks} (learner.num_ranks), got {r.num_workers}")
+    _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+           f"with cluster.colocate an engine has its learner rank's one GPU, got {r.tensor_parallel_size}")
 
 
 def to_dict(cfg: Config) -> dict:

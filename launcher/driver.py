@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import ray
 
 from launcher import cluster
-from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup
+from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup, ActorTimeoutError, Calls
 from launcher.config import Config
 from medvqa.record import MedVQARecord
 from protocol.batch import RolloutBatch
@@ -75,31 +75,57 @@ def format_warmup(cfg: Config, model_path: str, records, run_dir: Path) -> str:
                                cfg.model.max_pixels))
 
 
+# Joining takes seconds once every actor has started; below vLLM's 300 s NCCL rendezvous timeout, so
+# that a rank that never joins is named here before the learner's TCPStore gives up with a bare count.
+JOIN_TIMEOUT_S = 240.0
+
+
 def start_actors(cfg: Config, model_path: str) -> Actors:
     placement = cluster.place(cfg)
     # Both groups' rank 0 live on the learner's first bundle; one call gives two distinct ports.
-    addr, (learner_port, sync_port) = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
-    learners = cluster.start_learners(cfg, placement, model_path, addr, learner_port)
-    workers = cluster.start_workers(cfg, placement, model_path)
+    addr, drawn = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
+    learner_port, sync_port = cluster.group_ports(cfg, drawn)
+    if cfg.cluster.colocate:
+        learners, workers = cluster.start_colocated(cfg, placement, model_path, addr, learner_port)
+    else:
+        learners = cluster.start_learners(cfg, placement, model_path, addr, learner_port)
+        workers = cluster.start_workers(cfg, placement, model_path)
+        # Nobody joins the sync group while an engine may still be compiling (CUDA graphs of several
+        # engines can outlast vLLM's 300 s rendezvous): every actor has started before anyone joins.
+        cluster.wait_started([learners])
     pids = workers.call("process_ids", doing="starting")
-    actors = Actors(cfg, model_path, learners, workers, placement, pids, cfg.cluster.master_port or learner_port)
+    actors = Actors(cfg, model_path, learners, workers, placement, pids, learner_port)
     join_weight_sync(actors, addr, sync_port)
     return actors
 
 
 def join_weight_sync(actors: Actors, addr: Optional[str] = None, port: Optional[int] = None) -> None:
-    """(Re-)form the weight-sync group: learner rank 0 and every process of every rollout engine."""
+    """(Re-)form the weight-sync group: learner rank 0 (every rank, for ipc) and every process of every
+    rollout engine."""
     cfg = actors.cfg
     if port is None:
         addr, ports = cluster.rendezvous(actors.placement, actors.placement.learner_bundles[0], 2)
         port = next(p for p in ports if p != actors.learner_port)
     tp = cfg.rollout.tensor_parallel_size
     world = 1 + len(actors.workers) * tp
-    backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
-    joins = actors.learners.submit("init_weight_sync", addr, port, world, backend, only=[0])
+    backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device, cfg.cluster.colocate)
+    joins = actors.learners.submit("init_weight_sync", addr, port, world, backend,
+                                   only=None if backend == "ipc" else [0])
     joins += actors.workers.submit_each("init_weight_sync",
                                         [(addr, port, 1 + i * tp, world, backend) for i in range(len(actors.workers))])
-    joins.wait("joining the weight-sync group", rollout_timeout(cfg, 0))
+    wait_naming_the_late(joins, f"joining the {backend} weight-sync group at {addr}:{port}",
+                         min(JOIN_TIMEOUT_S, rollout_timeout(cfg, 0)))
+
+
+def wait_naming_the_late(calls: Calls, doing: str, timeout_s: float) -> list:
+    """`calls.wait`, except that a timeout names every actor that had not finished, not only the first."""
+    try:
+        return calls.wait(doing, timeout_s)
+    except ActorTimeoutError as exc:
+        late = [r for r in calls.settle(doing, 0) if isinstance(r, ActorTimeoutError)] or [exc]
+        names = ", ".join(f"{r.kind} {r.index}" for r in late)
+        raise ActorTimeoutError(f"{names} did not finish {doing} within {timeout_s:.0f} s", late[0].kind,
+                                late[0].index) from exc
 
 
 def rollout_timeout(cfg: Config, num_prompts: int) -> float:
@@ -143,11 +169,20 @@ def shard_for_rank(batch: RolloutBatch, records: list[MedVQARecord], rank: int,
 
 
 def train(actors: Actors, batch: RolloutBatch, records: list[MedVQARecord]) -> dict:
+    if actors.cfg.cluster.colocate:
+        free_gpus_for_training(actors)
     world = len(actors.learners)
     stats = actors.learners.call_each("train_on", [shard_for_rank(batch, records, r, world) for r in range(world)],
                                       doing="training")
     # Ranks report their own shard's numbers; the step's value is their mean.
     return {k: sum(s[k] for s in stats) / world for k in stats[0]}
+
+
+def free_gpus_for_training(actors: Actors) -> None:
+    """Colocated: each engine sleeps (weights to host memory, KV cache freed) so that its learner rank
+    has the GPU; it wakes for the next weight update or generation."""
+    actors.workers.call("sleep", doing="putting the engines to sleep for training",
+                        timeout_s=rollout_timeout(actors.cfg, 0))
 
 
 def sync_weights(actors: Actors, version: int) -> None:

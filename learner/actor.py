@@ -18,6 +18,7 @@ from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule
 from learner.sft import sft_micro_batches, sft_step
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
+from protocol.profile import check_torch_for
 from protocol.batch import RolloutBatch
 from medvqa.record import MedVQARecord
 
@@ -57,6 +58,7 @@ class LearnerRank:
         import deepspeed
         from medvqa.prompt import load_processor
 
+        check_torch_for(cfg.cluster.device, f"learner rank {rank}", need_gpu=True)
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.backend = _init_process_group(cfg, rank, world_size, master_addr, master_port)
@@ -77,6 +79,7 @@ class LearnerRank:
         self.device = self.engine.device
         self.reference = self._make_reference(model_path, dtype) if cfg.grpo.beta > 0 else None
         self.weight_sender = None
+        self.sync_backend = None
         self._update_meta = None
 
     def _make_reference(self, model_path: str, dtype: torch.dtype):
@@ -108,6 +111,10 @@ class LearnerRank:
         batch.check_records(records)
         plan = self._plan(batch, records)
         metrics = run_train_step(self.engine, self.reference, plan, self.cfg, self.world_size)
+        if self.cfg.cluster.colocate and self.device.type == "cuda":
+            # Activations stay cached by torch's allocator otherwise; the engine beside this rank
+            # needs that memory back for its KV cache.
+            torch.cuda.empty_cache()
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
 
@@ -188,14 +195,22 @@ class LearnerRank:
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (blocking until every receiver joins);
-        the other ranks only help gather under ZeRO-3."""
+        the other ranks only help gather under ZeRO-3. With ipc (colocated) every rank joins, paired
+        with the engine on its own GPU."""
+        self.sync_backend = backend
+        if self.weight_sender is not None:  # the group is re-formed after a rollout worker was replaced
+            self.weight_sender.close()
+            self.weight_sender = None
+        if backend == "ipc":
+            from learner.ipc_sync import IpcWeightSender
+
+            self.weight_sender = IpcWeightSender(master_addr, master_port, self.rank, self._meta(),
+                                                 self.named_parameters_for_sync)
+            return
         if self.rank != 0:
             return
         from learner.weight_sync import WeightSender
 
-        if self.weight_sender is not None:  # the group is re-formed after a rollout worker was replaced
-            self.weight_sender.close()
-            self.weight_sender = None
         self.weight_sender = WeightSender(master_addr, master_port, world_size, backend)
 
     def weight_update_meta(self) -> dict:
@@ -219,6 +234,9 @@ class LearnerRank:
     def push_weights(self, version: int) -> None:
         """Gather the full parameters (every rank takes part under ZeRO-3) and let rank 0 send them.
         The driver calls it on all ranks while the rollout workers receive."""
+        if self.sync_backend == "ipc":  # every rank sends, to the engine on its own GPU
+            self.weight_sender.send(version)
+            return
         pairs = self.named_parameters_for_sync()
         if self.rank != 0:
             for _ in pairs:  # the gathers are collectives: keep in step with rank 0

@@ -50,8 +50,10 @@ class WeightSender:
 
             self._group = trainer_init({"master_address": master_addr, "master_port": int(master_port),
                                         "world_size": world_size})
+            wu.require_live_communicator(self._group, "learner rank 0")
         else:
-            raise wu.WeightSyncError(f"unknown weight sync backend {backend!r} (gloo or nccl)")
+            raise wu.WeightSyncError(f"unknown weight sync backend {backend!r} for WeightSender (gloo or nccl; "
+                                     "ipc is learner.ipc_sync.IpcWeightSender)")
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
              meta: Optional[wu.WeightUpdateMeta] = None) -> SendStats:

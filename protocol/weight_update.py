@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import zlib
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -36,17 +37,49 @@ class WeightSyncError(RuntimeError):
     """A weight update that cannot proceed; the message names the parameter, bucket or version."""
 
 
-# cluster.sync_backend: `auto` is NCCL on GPU and gloo on CPU.
-SYNC_BACKENDS = ("auto", "nccl", "gloo")
+# cluster.sync_backend: `auto` is NCCL on GPU and gloo on CPU; with cluster.colocate it is vLLM's CUDA-IPC
+# engine on GPU (a learner rank and its engine share one GPU, where NCCL refuses two ranks of one
+# communicator: "Duplicate GPU detected") and gloo on CPU.
+SYNC_BACKENDS = ("auto", "nccl", "gloo", "ipc")
 
 
-def resolve_backend(sync_backend: str, device: str) -> str:
-    """The transport for weight sync."""
-    if sync_backend == "auto":
-        return "nccl" if device == "gpu" else "gloo"
+def resolve_backend(sync_backend: str, device: str, colocate: bool = False) -> str:
+    """The transport for weight sync; a combination that cannot work is a ValueError saying why."""
     if sync_backend not in SYNC_BACKENDS:
         raise ValueError(f"cluster.sync_backend must be one of {', '.join(SYNC_BACKENDS)}, got {sync_backend!r}")
+    if sync_backend == "auto":
+        return ("ipc" if colocate else "nccl") if device == "gpu" else "gloo"
+    if sync_backend in ("nccl", "ipc") and device != "gpu":
+        raise ValueError(f"cluster.sync_backend={sync_backend} needs cluster.device=gpu; use gloo on the CPU profile")
+    if sync_backend == "nccl" and colocate:
+        raise ValueError("cluster.sync_backend=nccl cannot run with cluster.colocate=true: a learner rank and its "
+                         "engine share a GPU, and NCCL refuses two ranks of one group on one GPU; use ipc (or auto)")
+    if sync_backend == "ipc" and not colocate:
+        raise ValueError("cluster.sync_backend=ipc needs cluster.colocate=true: CUDA IPC maps the learner's memory "
+                         "into the engine on the same GPU")
     return sync_backend
+
+
+def require_live_communicator(comm, who: str) -> None:
+    """Fail when vLLM built its NCCL communicator disabled.
+
+    vLLM's PyNcclCommunicator marks itself disabled (instead of failing) when VLLM_DISABLE_PYNCCL is
+    set or libnccl cannot be loaded; every broadcast on it is then skipped on both ends, and the
+    engines would load whatever their receive buffers held as weights.
+    """
+    if not getattr(comm, "disabled", True) and getattr(comm, "available", False):
+        return
+    raise WeightSyncError(f"{who}: the NCCL weight-sync communicator is disabled ({nccl_disabled_reason()}); "
+                          "its broadcasts would be skipped and the engines would load garbage as weights")
+
+
+def nccl_disabled_reason() -> str:
+    """Why vLLM would build its NCCL communicator disabled, as far as the environment tells."""
+    flag = os.environ.get("VLLM_DISABLE_PYNCCL", "")
+    if flag.strip().lower() in ("1", "true"):
+        return f"VLLM_DISABLE_PYNCCL={flag} is set; unset it"
+    return ("vLLM could not load libnccl (install the gpu extra, whose torch brings nvidia-nccl-cu13, "
+            "or point VLLM_NCCL_SO_PATH at libnccl.so.2)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

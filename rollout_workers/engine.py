@@ -1,7 +1,9 @@
 """Building the vLLM engine and its requests from the config: the parts of a rollout worker that only vLLM sees."""
 from __future__ import annotations
 
+import base64
 import os
+import pickle
 import threading
 from typing import Sequence, TYPE_CHECKING
 
@@ -10,7 +12,7 @@ import numpy as np
 from medvqa.prompt import render_prompt, vllm_processor_kwargs
 from medvqa.record import MedVQARecord
 from protocol.choices import PRECISION_DTYPES
-from protocol.weight_update import resolve_backend
+from protocol.weight_update import WeightSyncError, nccl_disabled_reason, resolve_backend
 
 if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
     from launcher.config import Config, RolloutConfig
@@ -24,7 +26,13 @@ def engine_dtype(cfg: Config) -> str:
 
 
 def sync_backend(cfg: Config) -> str:
-    return resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device)
+    return resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device, cfg.cluster.colocate)
+
+
+def sleeps(cfg: Config) -> bool:
+    """Whether the engine sleeps while the learner beside it trains: colocated on GPU. vLLM has no
+    sleep mode on CPU (it refuses enable_sleep_mode there), and there nothing needs the memory back."""
+    return cfg.cluster.colocate and cfg.cluster.device == "gpu"
 
 
 def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
@@ -47,6 +55,7 @@ def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
     )
     if gpu:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = sleeps(cfg)
     else:
         # A prompt prefilled in chunks makes vLLM rewind its seeded generator for the discarded sample,
         # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts.
@@ -87,6 +96,37 @@ def set_engine_env(cfg: Config) -> None:
     # The processor cache and tokenizers are touched from vLLM's threads; their pools would
     # oversubscribe the few cores a CPU actor gets.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sync_backend(cfg) == "ipc":
+        # CUDA IPC handles hold torch types that the engine's msgpack RPC carries only pickled (see
+        # ipc_update_info); vLLM unpickles them in its workers only with this set.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+
+def ipc_update_info(update_info: dict) -> dict:
+    """vLLM's IPC update info with its handles pickled into `ipc_handles_pickled`, as vLLM's own HTTP
+    client sends them: the raw handles do not survive the RPC into the engine's workers."""
+    out = {k: v for k, v in update_info.items() if k != "ipc_handles"}
+    out["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(update_info["ipc_handles"])).decode("ascii")
+    return out
+
+
+def check_nccl(who: str) -> None:
+    """Fail before joining when vLLM would build this engine's NCCL communicator disabled.
+
+    A disabled communicator skips every broadcast silently, so the engine would load whatever its
+    buffers held. The engine's processes inherit this process's environment and libraries, so the
+    two conditions vLLM checks are checked here: VLLM_DISABLE_PYNCCL, and loading libnccl.
+    """
+    import vllm.envs as envs
+    from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
+
+    if envs.VLLM_DISABLE_PYNCCL:
+        raise WeightSyncError(f"{who}: NCCL weight sync would be disabled ({nccl_disabled_reason()})")
+    try:
+        NCCLLibrary()
+    except Exception as exc:
+        raise WeightSyncError(f"{who}: NCCL weight sync would be disabled ({nccl_disabled_reason()}): "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def image_prompt(record: MedVQARecord, processor) -> dict:

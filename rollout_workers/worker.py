@@ -17,6 +17,8 @@ import rewards
 from protocol.batch import RolloutBatch
 from medvqa.prompt import load_processor, render_prompt
 from medvqa.record import MedVQARecord, RecordError
+from protocol.ipc_channel import PairChannel
+from protocol.profile import check_torch_for
 from protocol.weight_update import WeightSyncError
 from rollout_workers import engine as eng
 
@@ -33,10 +35,14 @@ class RolloutWorkerError(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
+        check_torch_for(cfg.cluster.device, f"rollout worker {worker_index}", need_gpu=True)
         self.cfg, self.index, self.model_path = cfg, worker_index, model_path
         self.backend = eng.sync_backend(cfg)
         self._version = 0
         self._joined = False
+        self._asleep: list[str] = []  # the engine's memory tags now released (sleep mode)
+        self._channel: Optional[PairChannel] = None  # colocated (ipc): the learner rank beside this engine
+        self._ipc_version: Optional[str] = None  # the version the learner's last ipc update carried
         self._broken: Optional[str] = None  # why the engine can no longer be trusted
         rewards.check_weights(cfg.rewards.weights)  # an unknown reward fails here, not at step 1
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -52,6 +58,7 @@ class RolloutWorker:
     def generate(self, records: Sequence[MedVQARecord], seed: int) -> RolloutBatch:
         """G = rollout.group_size scored samples per record, laid out group by group."""
         records = list(records)
+        self._wake(self._asleep)
         prompts = [eng.image_prompt(r, self.processor) for r in records]
         params = [eng.sampling_params(self.cfg.rollout, s) for s in eng.request_seeds(seed, len(records))]
         outs = self._run(f"generate on records {_ids(records)}",
@@ -91,6 +98,7 @@ class RolloutWorker:
     def generate_greedy(self, records: Sequence[MedVQARecord], max_new_tokens: int) -> list[tuple[str, int, str]]:
         """(completion text, number of tokens, finish reason) per record, greedy: the evaluation protocol."""
         records = list(records)
+        self._wake(self._asleep)
         prompts = [eng.image_prompt(r, self.processor) for r in records]
         outs = self._run(f"greedy generation on records {_ids(records)}",
                          lambda: self.llm.generate(prompts, eng.greedy_params(max_new_tokens), use_tqdm=False))
@@ -109,6 +117,7 @@ class RolloutWorker:
         completion = [int(t) for t in completion_token_ids]
         if not completion:
             return []
+        self._wake(self._asleep)
         text = render_prompt(record, self.processor)
         prompt = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         request = {"prompt_token_ids": prompt + completion, "multi_modal_data": {"image": record.load_image()}}
@@ -125,34 +134,43 @@ class RolloutWorker:
     # ---- weight sync ------------------------------------------------------------------------
     def init_weight_sync(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
                          backend: str) -> None:
-        """Join the learner's weight-sync group; blocks until the learner (rank 0) and every engine join."""
+        """Join the learner's weight-sync group; blocks until the learner (rank 0) and every engine join.
+        Colocated (ipc), pair up with learner rank `worker_index` instead and take its settings."""
         if backend != self.backend:
             raise WeightSyncError(f"rollout worker {self.index}: engine was built for {self.backend!r} weight "
                                   f"sync, asked to join a {backend!r} group")
-        info = {"master_address": master_addr, "master_port": int(master_port), "rank_offset": int(rank_offset),
-                "world_size": int(world_size)}
-        if backend == "nccl":
-            info["packed"] = True  # the learner's WeightSender sends vLLM's packed format
         if self._joined:  # the group is re-formed after another worker was replaced: leave the old one
             self._run("leaving the old weight-sync group",
                       lambda: self.llm.collective_rpc("shutdown_weight_transfer_engine"))
-        self._run("joining the weight-sync group",
-                  lambda: self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info}))
+        if backend == "ipc":
+            self._channel = PairChannel(master_addr, master_port, self.index, host=False)
+            self._channel.serve(self._ipc_call, until="init_weight_transfer_engine")
+        else:
+            info = {"master_address": master_addr, "master_port": int(master_port),
+                    "rank_offset": int(rank_offset), "world_size": int(world_size)}
+            if backend == "nccl":
+                eng.check_nccl(f"rollout worker {self.index}")
+                info["packed"] = True  # the learner's WeightSender sends vLLM's packed format
+            self._run("joining the weight-sync group",
+                      lambda: self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info}))
         self._joined = True
 
     def receive_weights(self, version: int, update_meta: dict) -> int:
         """Receive update `version` (blocking until it is loaded), then report it in every batch.
 
         `update_meta` is the learner's description in wire form (`WeightUpdateMeta.to_dict()`); it is
-        passed on to the engine unchanged, which parses it once."""
-        info = dict(update_meta)
-        if self.backend == "gloo":
-            info["version"] = int(version)
+        passed on to the engine unchanged, which parses it once. Colocated (ipc), the learner rank
+        beside this engine drives the update through the channel, chunk by chunk."""
+        if self._broken:
+            raise RolloutWorkerError(f"rollout worker {self.index}: cannot take weight update v{version}: "
+                                     f"{self._broken}")
         start = time.perf_counter()
-        self._run(f"starting weight update v{version}", lambda: self.llm.collective_rpc("start_weight_update"))
         try:
-            self.llm.collective_rpc("update_weights", kwargs={"update_info": info})
-            self.llm.collective_rpc("finish_weight_update")
+            self._wake(["weights"])
+            if self.backend == "ipc":
+                self._receive_ipc(version)
+            else:
+                self._receive_broadcast(version, update_meta)
         except Exception as exc:
             # Layerwise reload had moved the parameters aside; a failed update leaves no usable model.
             self._broken = f"weight update v{version} failed: {exc}"
@@ -166,6 +184,54 @@ class RolloutWorker:
         self._version = int(version)
         log.info("rollout worker %d: weights v%d loaded in %.2f s", self.index, version, time.perf_counter() - start)
         return self._version
+
+    def _receive_broadcast(self, version: int, update_meta: dict) -> None:
+        info = dict(update_meta)
+        if self.backend == "gloo":
+            info["version"] = int(version)
+        self._run(f"starting weight update v{version}", lambda: self.llm.collective_rpc("start_weight_update"))
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": info})
+        self.llm.collective_rpc("finish_weight_update")
+
+    def _receive_ipc(self, version: int) -> None:
+        if self._channel is None:
+            raise WeightSyncError(f"rollout worker {self.index}: receive_weights before init_weight_sync")
+        self._ipc_version = None
+        self._run(f"weight update v{version}",
+                  lambda: self._channel.serve(self._ipc_call, until="finish_weight_update"))
+        if self._ipc_version != str(version):
+            raise WeightSyncError(f"rollout worker {self.index}: the learner sent update v{self._ipc_version}, "
+                                  f"the driver asked for v{version}")
+
+    def _ipc_call(self, method: str, payload) -> None:
+        """One call of vLLM's weight-sync client protocol, replayed on this engine's workers."""
+        if method == "init_weight_transfer_engine":
+            self.llm.collective_rpc(method, kwargs={"init_info": payload})
+        elif method == "update_weights":
+            self.llm.collective_rpc(method, kwargs={"update_info": eng.ipc_update_info(payload)})
+        elif method in ("start_weight_update", "finish_weight_update"):
+            self.llm.collective_rpc(method)
+            self._ipc_version = payload if method == "finish_weight_update" else None
+        else:
+            raise WeightSyncError(f"rollout worker {self.index}: unknown weight-sync call {method!r}")
+
+    # ---- sleep mode (colocated on GPU) ------------------------------------------------------
+    def sleep(self) -> bool:
+        """Release the engine's GPU memory (weights to host memory, KV cache dropped) while the learner
+        beside it trains; it wakes for the next update or generation. A no-op unless the engine runs
+        in sleep mode (rollout_workers.engine.sleeps). Returns whether it sleeps."""
+        if not eng.sleeps(self.cfg):
+            return False
+        if not self._asleep:
+            self._run("going to sleep", lambda: self.llm.sleep(level=1))
+            self._asleep = ["weights", "kv_cache"]
+        return True
+
+    def _wake(self, tags: Sequence[str]) -> None:
+        tags = [t for t in tags if t in self._asleep]
+        if tags:
+            self._run(f"waking up {', '.join(tags)}", lambda: self.llm.wake_up(tags=tags))
+            self._asleep = [t for t in self._asleep if t not in tags]
 
     def weight_version(self) -> int:
         return self._version
