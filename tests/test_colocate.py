@@ -135,7 +135,7 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
     records, _ = build_datasets(cfg.data)
     actors = driver.start_actors(cfg, tiny_model_dir)
     try:
-        assert actors.colocated and actors.placement.learner_bundles == actors.placement.worker_bundles == [0]
+        assert actors.placement.learner_bundles == actors.placement.worker_bundles == [0]
         bundles = ray.util.placement_group_table(actors.placement.group)["bundles"]
         assert bundles == {0: {"CPU": 1.0}}, bundles  # learner and engine, 0.5 CPU each, in one bundle
         addr, drawn = cluster.rendezvous(actors.placement, 0, 2)
@@ -168,7 +168,7 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
 def test_a_join_that_does_not_finish_names_who(ray_session):
     import ray
 
-    from launcher import cluster
+    from launcher import cluster, driver
 
     @ray.remote(num_cpus=0)
     class Joiner:
@@ -180,12 +180,12 @@ def test_a_join_that_does_not_finish_names_who(ray_session):
             return True
 
     learners = ActorGroup("learner rank", [Joiner.remote(0)])
-    workers = ActorGroup("rollout worker", [Joiner.remote(0), Joiner.remote(120), Joiner.remote(0)])
+    workers = ActorGroup("rollout worker", [Joiner.remote(0), Joiner.remote(120), Joiner.remote(0), Joiner.remote(120)])
     cluster.wait_started([learners, workers])  # as the driver does: the clock starts once all are up
     calls = learners.submit("init_weight_sync") + workers.submit("init_weight_sync")
     with pytest.raises(ActorTimeoutError) as err:
-        calls.wait("joining the weight-sync group", timeout_s=5)
-    assert str(err.value) == ("rollout worker 1 did not finish joining the weight-sync group within 5 s "
-                              "(learner rank 0, rollout worker 0, rollout worker 2 did)")
+        driver.wait_naming_the_late(calls, "joining the weight-sync group", timeout_s=5)
+    assert str(err.value) == "rollout worker 1, rollout worker 3 did not finish joining the weight-sync group within 5 s"
+    assert (err.value.kind, err.value.index) == ("rollout worker", 1)
     for actor in learners.actors + workers.actors:
         ray.kill(actor)
