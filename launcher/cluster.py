@@ -106,6 +106,7 @@ def _place_colocated(cfg: Config, with_learners: bool, timeout_s: float) -> Plac
 
 
 def _ready_group(bundles: list[dict], what: str, timeout_s: float):
+    _check_gpus_suffice(bundles, what)
     group = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -113,6 +114,16 @@ def _ready_group(bundles: list[dict], what: str, timeout_s: float):
         raise RuntimeError(f"Ray could not place {what} ({bundles}) within {timeout_s:.0f} s; cluster has "
                            f"{ray.cluster_resources()}")
     return group
+
+
+def _check_gpus_suffice(bundles: list[dict], what: str) -> None:
+    """More GPUs than the cluster has can never be placed: say so at once instead of after the timeout."""
+    need = sum(b.get("GPU", 0) for b in bundles)
+    have = ray.cluster_resources().get("GPU", 0)
+    if need > have:
+        raise RuntimeError(f"{what} need {need:g} GPUs, the Ray cluster has {have:g}; use fewer learner ranks or "
+                           "rollout workers, or cluster.colocate=true to put each learner rank and its engine on "
+                           "one GPU")
 
 
 @ray.remote(num_cpus=0)

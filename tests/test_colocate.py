@@ -165,6 +165,20 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_more_gpus_than_the_cluster_has_fail_at_once_with_the_colocate_hint(tiny_model_dir, tmp_path, ray_session):
+    from launcher import cluster
+    from launcher.config import load_config
+
+    cfg = load_config("configs/medvlm_r1_2b.yaml", ["learner.num_ranks=1", "rollout.num_workers=1",
+                                                    "rollout.prompts_per_step=4"])
+    # Waiting for the placement (600 s) would outlast this test's own timeout: the error must come first.
+    with pytest.raises(RuntimeError, match=r"^1 learner and 1 rollout bundles need 2 GPUs, the Ray cluster has 0; .*"
+                                           r"cluster.colocate=true"):
+        cluster.place(cfg, timeout_s=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_join_that_does_not_finish_names_who(ray_session):
     import ray
 
