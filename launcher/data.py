@@ -17,6 +17,7 @@ import logging
 import random
 from collections import Counter
 
+from launcher.config import DataConfig
 from medvqa.record import MedVQARecord
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class DataSets:
             log.info("what became of every record read (left out: not skipped, yet in no set):\n%s", "\n".join(lines))
 
 
-def build_datasets(data_cfg) -> tuple[list[MedVQARecord], dict[str, list[MedVQARecord]]]:
+def build_datasets(data_cfg: DataConfig) -> tuple[list[MedVQARecord], dict[str, list[MedVQARecord]]]:
     """(training records, {evaluation set name: records}); held-out images never appear in training."""
     if data_cfg.source == "synthetic":
         from medvqa.synthetic import synthetic_dataset
@@ -96,7 +97,7 @@ def build_datasets(data_cfg) -> tuple[list[MedVQARecord], dict[str, list[MedVQAR
     return data.train, data.evals
 
 
-def build_eval_sets(data_cfg) -> DataSets:
+def build_eval_sets(data_cfg: DataConfig) -> DataSets:
     """The evaluation sets alone (the same ones training evaluates on, for the same config); with
     `data.eval_path` only that file is read."""
     if data_cfg.source == "synthetic":
@@ -106,7 +107,7 @@ def build_eval_sets(data_cfg) -> DataSets:
     return data
 
 
-def _public_sets(data_cfg, with_train: bool) -> DataSets:
+def _public_sets(data_cfg: DataConfig, with_train: bool) -> DataSets:
     """The sets of a public source; without `with_train` the training side is read (the held-out split
     depends on every image read) but left empty, so its records count as left out."""
     from medvqa.loaders import load_records

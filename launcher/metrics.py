@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from launcher.config import LoggingConfig
+
 log = logging.getLogger(__name__)
 
 # Every step row carries at least these keys (the README and the tests rely on them).
@@ -62,7 +64,7 @@ class MetricsSink:
     `step_keys` must be in every step row; `bar_keys` are (label, key) pairs shown on the bar.
     """
 
-    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int,
+    def __init__(self, run_dir: Path, logging_cfg: LoggingConfig, config_dict: dict, total_steps: int,
                  resume_step: Optional[int] = None, wandb_id: Optional[str] = None,
                  step_keys: tuple = STEP_KEYS, desc: str = "grpo",
                  bar_keys: tuple = (("reward", "reward/total"), ("acc", "reward/accuracy"))):
