@@ -12,6 +12,7 @@ from typing import Optional, TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from learner.finite_guard import GradientWatch, check_step
 from learner.grpo import entropy_from_logits, group_advantages, grpo_loss, token_logprobs
 from learner.model_inputs import EncodedPrompt, SampleBatch
 from learner.policy import batch_kwargs
@@ -178,30 +179,33 @@ def run_train_step(engine, reference, plan: StepPlan, cfg: Config, world_size: i
 
 
 def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
-    """Forward/backward over every micro-batch, then one optimiser step."""
+    """Forward/backward over every micro-batch, then one optimiser step (none if a value is not finite)."""
     g, last = cfg.grpo, len(plan.micro_batches) - 1
     lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())
     sums = {k: 0.0 for k in ("loss", "entropy", "num_tokens", *_TOKEN_STATS)}
     seen, fallback_norm = [], None
-    for m, mb in enumerate(plan.micro_batches):
-        engine.set_gradient_accumulation_boundary(m == last)
-        logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
-                                              inputs.temperature, with_entropy=True)
-        mask = mb.completion_targets()[1].to(plan.device)
-        loss, stats = grpo_loss(
-            logprobs, None if inputs.old is None else inputs.old[m], None if inputs.ref is None else inputs.ref[m],
-            inputs.advantages[plan.sample_indices[m]].to(plan.device), mask, g.beta, g.clip_low, g.clip_high,
-            g.loss_agg, max_len=cfg.rollout.max_new_tokens)
-        engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
-        if m == last and engine.zero_optimization_stage() == 0:
-            fallback_norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
-        engine.step()
-        seen.append(logprobs.detach())
-        sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
-        sums["entropy"] += float(torch.where(mask.bool(), entropy, torch.zeros_like(entropy)).sum())
-        sums["num_tokens"] += stats["num_tokens"]
-        for k in _TOKEN_STATS:
-            sums[k] += stats[k] * stats["num_tokens"]
+    with GradientWatch(engine.module) as watch:
+        for m, mb in enumerate(plan.micro_batches):
+            engine.set_gradient_accumulation_boundary(m == last)
+            logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
+                                                  inputs.temperature, with_entropy=True)
+            mask = mb.completion_targets()[1].to(plan.device)
+            loss, stats = grpo_loss(
+                logprobs, None if inputs.old is None else inputs.old[m],
+                None if inputs.ref is None else inputs.ref[m], inputs.advantages[plan.sample_indices[m]].to(plan.device),
+                mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens)
+            engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
+            seen.append(logprobs.detach())
+            sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
+            sums["entropy"] += float(torch.where(mask.bool(), entropy, torch.zeros_like(entropy)).sum())
+            sums["num_tokens"] += stats["num_tokens"]
+            for k in _TOKEN_STATS:
+                sums[k] += stats[k] * stats["num_tokens"]
+            if m == last:
+                _guard(engine, watch, sums["loss"], lr, cfg, inputs.world_size, plan.device)
+                if engine.zero_optimization_stage() == 0:
+                    fallback_norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
+            engine.step()
     sums = dict(zip(sums, reduce_over_ranks(list(sums.values()), inputs.world_size, plan.device)))
     n = max(sums["num_tokens"], 1.0)
     norm = engine.get_global_grad_norm()
@@ -209,6 +213,16 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
     return {"loss": sums["loss"], "entropy": sums["entropy"] / n, "num_tokens": sums["num_tokens"],
             **{k: sums[k] / n for k in _TOKEN_STATS}, "lr": float(lr),
             "grad_norm": float(norm) if norm is not None else float("nan"), "_logprobs": seen}
+
+
+def _guard(engine, watch: GradientWatch, loss_share: float, lr: float, cfg: Config, world_size: int,
+           device) -> None:
+    """Before the optimiser step: every rank raises if the step's loss, any rank's gradients or the
+    rate are not finite. fp16 leaves gradients to DeepSpeed's loss scaler, whose overflows are
+    expected and skipped."""
+    grad_sq, bad_param = watch.squared_sum() if cfg.learner.precision != "fp16" else (0.0, None)
+    loss, grad_sq = reduce_over_ranks([loss_share, grad_sq], world_size, device)
+    check_step(loss, grad_sq, float(lr), bad_param, engine.global_steps + 1)
 
 
 def plain_grad_norm(engine) -> float:
