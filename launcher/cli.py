@@ -3,29 +3,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import signal
 import sys
+import traceback
 from pathlib import Path
 
+from launcher import stops
 from launcher.config import ConfigError, load_config
 from protocol.profile import ProfileError
 
+# Exceptions of these packages carry messages written for the user; others get their type named.
+_PROJECT_PACKAGES = ("launcher", "learner", "medvqa", "protocol", "rewards", "rollout_workers")
+
 
 def _cmd_train(args) -> int:
-    from launcher import stops
+    stops.install_handlers()  # the loop stops at a step boundary, after saving a checkpoint
     from launcher.train_loop import print_summary, run_training
 
     cfg = load_config(args.config, args.overrides)
-    stops.install_handlers()
-    try:
-        result = run_training(cfg)
-    except stops.StopRequested as stop:
-        print(f"medvlm-r1: {stop}", file=sys.stderr)
-        return stop.exit_code
+    stops.check()  # a signal during the imports: nothing is started yet
+    result = run_training(cfg)
     print_summary(result)
     return 0
 
 
 def _cmd_sft(args) -> int:
+    stops.install_handlers(immediate=True)  # no full checkpoints to write: a signal ends the run at once
     from launcher.sft_loop import print_summary, run_sft
 
     cfg = load_config(args.config, args.overrides)
@@ -44,6 +48,7 @@ def _cmd_make_tiny_model(args) -> int:
 def _cmd_eval(args) -> int:
     from launcher.eval_cmd import run_eval
 
+    stops.install_handlers(immediate=True)  # nothing to save: a signal ends the evaluation at once
     cfg = load_config(args.config, args.overrides)
     summary = run_eval(cfg, args.checkpoint, Path(args.out) if args.out else None)
     for name, r in summary["results"].items():
@@ -73,27 +78,35 @@ def _cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvlm-r1", description=__doc__)
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand's default from
+    # overwriting a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error, not only its one-line reason")
+    p = argparse.ArgumentParser(prog="medvlm-r1", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="GRPO training run: medvlm-r1 train CONFIG [key=value ...]")
+    t = sub.add_parser("train", parents=[common], help="GRPO training run: medvlm-r1 train CONFIG [key=value ...]")
     t.add_argument("config", help="YAML config, e.g. configs/tiny_cpu.yaml")
     t.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. learner.lr=5e-7)")
     t.set_defaults(func=_cmd_train)
-    s = sub.add_parser("sft", help="supervised baseline on the same records: medvlm-r1 sft CONFIG [key=value ...]")
+    s = sub.add_parser("sft", parents=[common],
+                       help="supervised baseline on the same records: medvlm-r1 sft CONFIG [key=value ...]")
     s.add_argument("config", help="YAML config with an sft section, e.g. configs/tiny_cpu_sft.yaml")
     s.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. sft.target=letter)")
     s.set_defaults(func=_cmd_sft)
-    m = sub.add_parser("make-tiny-model", help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
+    m = sub.add_parser("make-tiny-model", parents=[common],
+                       help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_tiny_model)
-    e = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the config's held-out sets")
+    e = sub.add_parser("eval", parents=[common],
+                       help="greedy evaluation of a checkpoint on the config's held-out sets")
     e.add_argument("checkpoint", help="a saved policy, the tiny model folder, or a Hugging Face model path")
     e.add_argument("--config", default=None, help="YAML config for data/rollout settings (default: built-ins)")
     e.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
     e.add_argument("overrides", nargs="*", help="config overrides as key=value")
     e.set_defaults(func=_cmd_eval)
-    r = sub.add_parser("report", help="Markdown and HTML report of a run directory")
+    r = sub.add_parser("report", parents=[common], help="Markdown and HTML report of a run directory")
     r.add_argument("run_dir")
     r.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
                    help="other runs (e.g. SFT) for one table: base, SFT and GRPO rows per modality")
@@ -102,6 +115,100 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="folder for comparison.md/.html/.png (default: RUN_DIR)")
     r.set_defaults(func=_cmd_report)
     return p
+
+
+def _is_ours(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in _PROJECT_PACKAGES
+
+
+def _remote_error(exc: BaseException):
+    """(cause, the actor method or task it came from) of an error raised in a Ray task, else None."""
+    ray = sys.modules.get("ray")
+    if ray is None or not isinstance(exc, ray.exceptions.RayTaskError) or not isinstance(exc.cause, BaseException):
+        return None
+    # ray.get raises a copy that is also an instance of the cause's class, without function_name; the
+    # first line of its message holds the process title, ray::<Class.method>.
+    title = re.search(r"ray::([\w.]+)", str(exc).split("\n", 1)[0])
+    return exc.cause, exc.__dict__.get("function_name") or (title.group(1) if title else "a Ray task")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error's message; an error of a Ray task is told by its cause."""
+    remote = _remote_error(exc)
+    if remote is not None:
+        cause, where = remote
+        return _one_line(cause) if _is_ours(cause) else f"{where} failed: {_one_line(cause)}"
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if _is_ours(exc) and line:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _failure(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line reason) for an exception that ends the command; None to let it through."""
+    if isinstance(exc, ConfigError):
+        return 2, f"config error: {exc}"
+    if isinstance(exc, ProfileError):  # a GPU profile on a machine or install that cannot run it
+        return 2, str(exc)
+    if isinstance(exc, stops.StopRequested):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        name = stops.last_signal()
+        if isinstance(exc, SystemExit) and name is None:
+            if exc.code != signal.SIGTERM:
+                return None  # argparse's exits and explicit sys.exit calls keep their code
+            name = "SIGTERM"  # ray.init's own handler, in place until ours are put back, exits with 15
+        name = name or "SIGINT"  # a KeyboardInterrupt before the handlers were installed
+        return stops.exit_code_of(name), f"stopped at once by {name}"
+    name = stops.requested()
+    if name is not None:  # e.g. Ctrl-C reached the actors too: the stop is the reason, the error its echo
+        return stops.exit_code_of(name), f"stopped by {name} ({_one_line(exc)})"
+    remote = _remote_error(exc)
+    hint = "" if _is_ours(remote[0] if remote else exc) else " (--debug shows the traceback)"
+    return 1, f"error: {_one_line(exc)}{hint}"
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray instance this process started (or leave the cluster it joined), so that no raylet,
+    worker, agent or vLLM engine outlives the command."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return
+    try:
+        # A node half started when a signal cut ray.init short is not "initialized", yet has processes.
+        if ray.is_initialized() or getattr(ray._private.worker, "_global_node", None) is not None:
+            ray.shutdown(wait_for_processes=True)
+        _stop_ray_descendants()
+    except BaseException as exc:  # a second Ctrl-C during clean-up must not end in a traceback
+        print(f"medvlm-r1: Ray shutdown incomplete: {_one_line(exc)}", file=sys.stderr)
+
+
+def _stop_ray_descendants(timeout_s: float = 10) -> None:
+    """Ray processes started by this one that ray.shutdown left: when a signal interrupts ray.init, Ray's
+    exit handler kills its raylet but not the agents the raylet started. (A joined cluster's processes
+    are not descendants of the driver and are left alone.)"""
+    import psutil
+
+    def is_ray(p) -> bool:
+        try:
+            return p.name().startswith(("ray::", "raylet", "gcs_server", "VLLM::")) or \
+                any("site-packages/ray/" in part for part in p.cmdline())
+        except psutil.Error:
+            return False
+
+    procs = [p for p in psutil.Process().children(recursive=True) if is_ray(p)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def main(argv=None) -> int:
@@ -116,12 +223,16 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"medvlm-r1: config error: {exc}", file=sys.stderr)
-        return 2
-    except ProfileError as exc:
-        print(f"medvlm-r1: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        failure = _failure(exc)
+        if failure is None:
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"medvlm-r1: {failure[1]}", file=sys.stderr)
+        return failure[0]
+    finally:
+        _shutdown_ray()
 
 
 if __name__ == "__main__":

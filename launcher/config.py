@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -187,6 +188,8 @@ def _walk_unknown(node: dict, schema, prefix: str, where: str):
         full = f"{prefix}{key}"
         if not isinstance(schema, dict) or key not in schema:
             raise _unknown_key_error(full, where)
+        if isinstance(schema[key], dict) and not isinstance(value, dict):
+            raise ConfigError(f"config section '{full}' must be a mapping of keys, got {value!r} ({where})")
         if isinstance(value, dict) and isinstance(schema[key], dict) and schema[key] and full != "rewards.weights":
             _walk_unknown(value, schema[key], full + ".", where)
 
@@ -211,8 +214,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
         parsed = _yaml_value(raw)
         node = nested
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `rollout=5 rollout.group_size=4`
+                raise ConfigError(f"config section '{'.'.join(parts[:i + 1])}' must be a mapping of keys, "
+                                  f"got {node!r} (on the command line)")
         node[parts[-1]] = parsed
     return nested
 
@@ -226,17 +232,41 @@ def _yaml_value(raw: str):
         return raw
 
 
+def _yaml_error(path: Path, exc) -> str:
+    """One line: file, line and column (1-based) of a YAML syntax error, and what was being parsed."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    context = ""
+    if exc.problem and exc.context and exc.context_mark:
+        context = f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+    return f"config file {path}{where}: YAML syntax error: {exc.problem or exc.context}{context}"
+
+
+def _load_yaml(path: Path) -> dict:
+    """The file's sections as plain dicts; a syntax error names the file, line and column."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(_yaml_error(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start + 1})") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config file {path}: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides; validated. Returns a typed Config."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = OmegaConf.to_container(OmegaConf.load(p)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        cfg = _merge(cfg, loaded, f"in {path}")
+        cfg = _merge(cfg, _load_yaml(Path(path)), f"in {path}")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "on the command line")
     obj: Config = OmegaConf.to_object(cfg)
@@ -253,6 +283,51 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
+# Counts and sizes without a check of their own below: the smallest value that can run.
+_MINIMUMS = {
+    "model.min_pixels": 1, "data.num_eval_per_modality": 1, "data.image_size": 1, "rollout.max_model_len": 1,
+    "rollout.kv_cache_gib": 1, "learner.warmup_steps": 0, "learner.weight_decay": 0, "grpo.eps": 0,
+    "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0, "logging.sample_every": 0,
+    "logging.num_samples_logged": 0, "cluster.master_port": 0,
+}
+
+
+def _check_finite(cfg: Config) -> None:
+    """inf or nan in any number (a learning rate of .inf would write a policy of NaN)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            items = value if isinstance(value, list) else [value]
+            bad = any(isinstance(v, float) and not math.isfinite(v) for v in items)
+            _check(not bad, f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+
+def _check_minimums(cfg: Config) -> None:
+    for key, least in _MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= least, key, f"must be at least {least}, got {value}")
+    _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus", "must be at least 1")
+    _check(cfg.cluster.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be positive")
+    _check(cfg.train.format_warmup_lr > 0, "train.format_warmup_lr", "must be positive")
+
+
+def _check_rewards(weights: dict) -> None:
+    """Names from the reward registry (importing `rewards` registers the built-in ones); finite weights."""
+    from rewards import REWARD_FUNCTIONS
+
+    _check(bool(weights), "rewards.weights", "needs at least one reward")
+    known = ", ".join(sorted(REWARD_FUNCTIONS))
+    for name, weight in weights.items():
+        close = difflib.get_close_matches(str(name), list(REWARD_FUNCTIONS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _check(name in REWARD_FUNCTIONS, "rewards.weights",
+               f"unknown reward {name!r} (registered rewards: {known}){hint}")
+        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+        _check(ok, f"rewards.weights.{name}", f"must be a finite number, got {weight!r}")
+
+
 def validate(cfg: Config) -> None:
     """Reject values that cannot run, naming the key. Each set of allowed values is read from the
     module that implements it."""
@@ -262,6 +337,9 @@ def validate(cfg: Config) -> None:
     from protocol.choices import DEVICES, PRECISIONS
     from protocol.weight_update import SYNC_BACKENDS
 
+    _check_finite(cfg)
+    _check_minimums(cfg)
+    _check_rewards(cfg.rewards.weights)
     r, lr, g = cfg.rollout, cfg.learner, cfg.grpo
     _check(r.group_size >= 2, "rollout.group_size", f"must be at least 2 for group advantages, got {r.group_size}")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
@@ -301,7 +379,6 @@ def validate(cfg: Config) -> None:
     _check(cfg.cluster.max_worker_restarts >= 0, "cluster.max_worker_restarts", "must be >= 0")
     cfg.train.resume = normalize_resume(cfg.train.resume)
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
-    _check(bool(cfg.rewards.weights), "rewards.weights", "needs at least one reward")
     _validate_sft(cfg)
     if cfg.learner.precision == "fp16" and cfg.cluster.device == "cpu":
         raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")

@@ -5,7 +5,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from launcher import cluster
+from launcher import cluster, stops
 from launcher.config import Config
 from launcher.data import build_eval_sets
 from launcher.evaluate import evaluate_sets, write_outputs
@@ -21,6 +21,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
     if not eval_sets:
         raise ValueError(f"no evaluation records of modalities {list(cfg.data.eval_modalities)}")
     cluster.start_ray(cfg)
+    stops.reinstall()  # ray.init replaced the SIGTERM handler
     placement = cluster.place(cfg, with_learners=False)  # the training placement, without learner bundles
     workers = cluster.start_workers(cfg, placement, checkpoint)
     try:
@@ -30,6 +31,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
                 "seconds": time.perf_counter() - t0, "data": data.summary()}
         write_outputs(out_dir, results, rows, meta)
     finally:
-        workers.shutdown("shutdown")
+        # After a stop signal no graceful call: an engine still starting would hold it up for a minute.
+        workers.shutdown(None if stops.last_signal() else "shutdown")
         placement.remove()
     return {"results": results, "out_dir": str(out_dir)}

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 
-from launcher import cluster, driver
+from launcher import cluster, driver, stops
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.metrics import SFT_STEP_KEYS, MetricsSink
@@ -54,6 +54,7 @@ def run_sft(cfg: Config) -> RunResult:
         log.warning("train.checkpoint_every=%d is ignored: an SFT run writes no full checkpoints (only final/ "
                     "and train.save_every policies)", cfg.train.checkpoint_every)
     cluster.start_ray(cfg)
+    stops.reinstall()  # ray.init replaced the SIGTERM handler
     view = learner_view(cfg, steps)
     actors = driver.start_actors(view, starting_policy(cfg, run_dir, train_records))
     sink = None

@@ -1,48 +1,114 @@
-"""Stop requests by signal: recorded by a handler, acted on by the training loop at a step boundary."""
+"""Stopping a run on a signal: SIGINT (Ctrl-C), SIGTERM (`kill`, Slurm's time limit or `scancel`) and
+SIGUSR1 (Slurm's warning before the time limit).
+
+The handler only records the request. The training loop stops at the next step boundary, after it
+saved a checkpoint, by raising `StopRequested`; during start-up `check()` does the same between
+phases. A second SIGINT or SIGTERM stops at once.
+
+The immediate stop raises KeyboardInterrupt because it is the one exception that comes out of a
+blocking `ray.get`/`ray.wait` unchanged: any other exception raised by a signal handler there
+turns into a SystemError or a SystemExit(1). The command line reads the signal's exit code from
+`last_signal()`.
+"""
 from __future__ import annotations
 
 import signal
+import threading
 from typing import Optional
 
-_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
-_requested: Optional[str] = None
+# 128 + the signal number of what the run was asked to stop by, as a shell reports a killed command.
+# SIGUSR1 is Slurm's early warning of the same termination, hence SIGTERM's code.
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+_requested: Optional[str] = None  # the first signal received
+_last: Optional[str] = None  # the most recent one (the one that forced an immediate stop)
+_immediate = False
+_installed = False
+_previous: dict = {}  # the handlers found at the first install, put back by reset()
+
+
+def exit_code_of(signame: str) -> int:
+    return EXIT_CODES.get(signame, 1)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal (after saving a checkpoint when it could)."""
+    """Raised at a step boundary (or between start-up phases) once a stop signal was received."""
 
     def __init__(self, signame: str, checkpoint: Optional[str]):
-        where = f"; resume from {checkpoint}" if checkpoint else ""
-        super().__init__(f"stopped on {signame}{where}")
         self.signame, self.checkpoint = signame, checkpoint
+        where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped by {signame}; {where}")
 
     @property
     def exit_code(self) -> int:
-        return _EXIT_CODES.get(self.signame, 1)
+        return exit_code_of(self.signame)
 
 
-def _record(signum, _frame) -> None:
-    global _requested
+class StopNow(KeyboardInterrupt):
+    """A signal that ends the command at once (a second SIGINT/SIGTERM, or any with immediate=True)."""
+
+    def __init__(self, signame: str):
+        self.signame = signame
+        super().__init__(f"stopped at once by {signame}")
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_of(self.signame)
+
+
+def _handle(signum, frame) -> None:
+    global _requested, _last
     name = signal.Signals(signum).name
-    if _requested is not None and name != "SIGUSR1":
-        raise KeyboardInterrupt if name == "SIGINT" else SystemExit(_EXIT_CODES[name])
-    _requested = name
+    _last = name
+    if _immediate or (_requested is not None and name in ("SIGINT", "SIGTERM")):
+        raise StopNow(name)
+    if _requested is None:
+        _requested = name
 
 
-def install_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _record)
+def install_handlers(immediate: bool = False) -> None:
+    """Handle SIGINT, SIGTERM and SIGUSR1 in this (main) thread. With `immediate`, for a command that
+    has nothing to save (evaluation), the first signal already stops at once."""
+    global _immediate, _installed
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python allows signal handlers in the main thread only
+    _immediate, _installed = immediate, True
+    for sig in _SIGNALS:
+        previous = signal.signal(sig, _handle)
+        _previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
+
+
+def reinstall() -> None:
+    """Put the handlers back after `ray.init`, which replaces the SIGTERM handler with its own (one
+    that exits with code 1 or aborts). Does nothing where `install_handlers` was never called
+    (a library use of the loop keeps its host's handlers)."""
+    if _installed:
+        install_handlers(_immediate)
 
 
 def requested() -> Optional[str]:
+    """The name of the first stop signal received ("SIGTERM", ...), or None."""
     return _requested
 
 
+def last_signal() -> Optional[str]:
+    """The name of the most recent stop signal received, or None."""
+    return _last
+
+
 def check(checkpoint: Optional[str] = None) -> None:
+    """Raise StopRequested if a stop was requested: between start-up phases (no checkpoint yet), or at a
+    step boundary with the checkpoint just written."""
     if _requested is not None:
         raise StopRequested(_requested, checkpoint)
 
 
 def reset() -> None:
-    global _requested
-    _requested = None
+    """Forget received signals and put back the handlers found at the first install (for tests)."""
+    global _requested, _last, _immediate, _installed
+    if threading.current_thread() is threading.main_thread():
+        for sig, previous in _previous.items():
+            signal.signal(sig, previous)
+        _previous.clear()
+    _requested, _last, _immediate, _installed = None, None, False, False

@@ -42,6 +42,7 @@ def run_training(cfg: Config) -> RunResult:
     train_records, eval_sets = build_datasets(cfg.data)  # data errors surface before anything heavy starts
     log.info("%d training prompts; evaluation sets %s", len(train_records), {k: len(v) for k, v in eval_sets.items()})
     cluster.start_ray(cfg)
+    stops.reinstall()  # ray.init replaced the SIGTERM handler
     model_path = saved["model_path"] if saved else starting_policy(cfg, run_dir, train_records)
     stops.check()
     actors = driver.start_actors(cfg, model_path)
@@ -165,7 +166,7 @@ class Run:
         if self.last_checkpoint is not None:
             summary["last_checkpoint"] = str(self.last_checkpoint)
         summary["faults/worker_restarts"] = self.actors.restarts
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         self.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         return RunResult(self.run_dir, final_dir, summary)
 

@@ -120,6 +120,19 @@ def _jsonl_draft(line: str, path: Path, lineno: int) -> Draft:
         source=str(rec.get("source") or path.name), letter_only=True)
 
 
+def _utf8_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line; a line that is not UTF-8 is a LoadError naming it."""
+    lines = []
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                lines.append((n, raw.decode("utf-8", errors="strict")))
+            except UnicodeDecodeError as exc:
+                bad = f"byte {raw[exc.start]:#04x} at offset {exc.start} of the line"
+                raise LoadError(f"{path}:{n}: not UTF-8 text ({bad})") from None
+    return lines
+
+
 def load_jsonl(path: str, modalities: Optional[Sequence[str]] = None):
     """Our own format, one record per line: {"id", "image" (relative to the file's folder), "question",
     "options": {"A": ...}, "answer": letter, "modality", "source"}; modality and source are optional
@@ -127,8 +140,7 @@ def load_jsonl(path: str, modalities: Optional[Sequence[str]] = None):
     p = Path(path)
     if not p.is_file():
         raise missing_path_error(p, "file")
-    with p.open(encoding="utf-8") as fh:
-        drafts = [_jsonl_draft(line, p, n) for n, line in enumerate(fh, 1) if line.strip()]
+    drafts = [_jsonl_draft(line, p, n) for n, line in _utf8_lines(p) if line.strip()]
     return finish_drafts(drafts, LoadReport(str(p)), modalities, strict_ids=True)
 
 

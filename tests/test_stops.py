@@ -1,0 +1,94 @@
+"""Clean stops of `medvlm-r1 train`: SIGTERM (kill, Slurm) and Ctrl-C (SIGINT to the terminal's process group)
+end a running training with exit 143 / 130 and one line naming the signal, a metrics.jsonl that parses line by
+line, and no Ray or vLLM process left: every process the driver had started is gone once it returns.
+
+The signal and exit-code logic itself is covered without processes in test_user_errors.py.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster_utils import REPO_ROOT, SHORT_RUN, processes_mentioning
+
+pytestmark = pytest.mark.slow
+
+
+def _step_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "reward/total" in r]
+
+
+def _start_and_wait_for_a_step(tmp_path: Path, model_dir: str) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", *SHORT_RUN, "train.steps=200",
+           f"model.path={model_dir}", f"logging.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, like a command in a terminal
+    deadline = time.monotonic() + 900
+    while not _step_rows(run_dir / "metrics.jsonl"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no step row (exit {proc.returncode}):\n{err[-4000:]}")
+        time.sleep(1)
+    return proc, run_dir
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _ray_session_dir(procs: list[psutil.Process]) -> str:
+    """The Ray session folder named on the raylet's command line: every process of that Ray instance
+    mentions it or is a descendant of the driver."""
+    for p in procs:
+        match = re.search(r"--session[_-]dir=(\S+)", " ".join(p.cmdline()))
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no raylet among the driver's processes: {[p.name() for p in procs]}")
+
+
+def _left_over(procs: list[psutil.Process], session_dir: str, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [f"{p.pid} {p.name()}" for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive += [f"{pid} {cmd[:120]}" for pid, cmd in processes_mentioning(session_dir)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("signame, to_group, code", [("SIGTERM", False, 143), ("SIGINT", True, 130)])
+def test_signal_stops_training_cleanly(tmp_path, tiny_model_dir, signame, to_group, code):
+    proc, run_dir = _start_and_wait_for_a_step(tmp_path, tiny_model_dir)
+    procs = _descendants(proc.pid)
+    names = {p.name() for p in procs}
+    assert {"raylet", "gcs_server"} <= names and any(n.startswith("VLLM::") for n in names), names
+    session_dir = _ray_session_dir(procs)
+    sent = time.monotonic()
+    if to_group:
+        os.killpg(proc.pid, getattr(signal, signame))  # Ctrl-C: the terminal signals the whole group
+    else:
+        proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=600)
+    print(f"{signame}: exit {proc.returncode} {time.monotonic() - sent:.1f} s after the signal")
+    assert proc.returncode == code, err[-4000:]
+    ours = [line for line in err.splitlines() if line.startswith("medvlm-r1:")]
+    assert len(ours) == 1 and re.fullmatch(
+        rf"medvlm-r1: stopped by {signame}; (last checkpoint: \S+|no checkpoint saved)", ours[0]), err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert 1 <= len(_step_rows(run_dir / "metrics.jsonl")) < 200
+    assert _left_over(procs, session_dir) == []

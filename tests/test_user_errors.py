@@ -1,0 +1,158 @@
+"""Errors a user can make, each as one line on stderr naming the file, line, key or record, with the
+exit code of its kind (2: config, 1: anything else), before Ray starts, and a traceback only with --debug."""
+import json
+import signal
+
+import pytest
+
+from launcher import stops
+from launcher.cli import _failure, main
+from launcher.train_loop import _summarize
+from medvqa.loaders import LoadError, load_jsonl
+from medvqa.synthetic import make_synthetic_split
+from medvqa_files import write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stops():
+    stops.reset()
+    yield
+    stops.reset()  # `train` installs signal handlers in this process; put the previous ones back
+
+
+def _run(capfd, *argv) -> tuple[int, list[str], str]:
+    """(exit code, the lines starting with "medvlm-r1:", all of stderr)."""
+    code = main(list(argv))
+    err = capfd.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("medvlm-r1:")], err
+
+
+def _one_line(capfd, *argv) -> tuple[int, str]:
+    code, lines, err = _run(capfd, *argv)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return code, lines[0]
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capfd):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rollout:\n  group_size: 4\nlearner:\n  betas: [0.9, 0.99\n  lr: 1e-6\n")
+    code, line = _one_line(capfd, "train", str(f))
+    assert code == 2
+    assert line == (f"medvlm-r1: config error: config file {f}, line 5, column 5: YAML syntax error: did not find "
+                    "expected ',' or ']' (while parsing a flow sequence started at line 4, column 10)")
+
+
+@pytest.mark.parametrize("text, override, where", [
+    ("rollout: 5\n", [], "in {f}"),
+    ("", ["rollout=5"], "on the command line"),
+    ("", ["rollout=5", "rollout.group_size=4"], "on the command line"),
+])
+def test_section_given_as_a_scalar(tmp_path, capfd, text, override, where):
+    f = tmp_path / "c.yaml"
+    f.write_text(text or "train:\n  steps: 1\n")
+    code, line = _one_line(capfd, "train", str(f), *override)
+    assert code == 2
+    assert line == (f"medvlm-r1: config error: config section 'rollout' must be a mapping of keys, got 5 "
+                    f"({where.format(f=f)})")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rewards.weights={format: 1.0, acuracy: 1.0}", "config key 'rewards.weights': unknown reward 'acuracy' "
+     "(registered rewards: accuracy, format); did you mean 'accuracy'?"),
+    ("data.num_eval_per_modality=-1", "config key 'data.num_eval_per_modality': must be at least 1, got -1"),
+    ("logging.num_samples_logged=-3", "config key 'logging.num_samples_logged': must be at least 0, got -3"),
+    ("learner.lr=.inf", "config key 'learner.lr': must be a finite number, got inf"),
+    ("grpo.clip_high=.nan", "config key 'grpo.clip_high': must be a finite number, got nan"),
+    ("learner.betas=[0.9,.inf]", "config key 'learner.betas': must be a finite number, got [0.9, inf]"),
+    ("rewards.weights.format=.nan", "config key 'rewards.weights.format': must be a finite number, got nan"),
+])
+def test_values_that_cannot_run_are_refused_at_validation(capfd, override, message):
+    code, line = _one_line(capfd, "train", "configs/tiny_cpu.yaml", override)
+    assert (code, line) == (2, f"medvlm-r1: config error: {message}")
+
+
+def test_debug_adds_the_traceback_before_or_after_the_command(tmp_path, capfd):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rollout: [\n")
+    for argv in (["--debug", "train", str(f)], ["train", str(f), "--debug"]):
+        code, lines, err = _run(capfd, *argv)
+        assert code == 2 and len(lines) == 1 and "Traceback (most recent call last)" in err
+        assert err.rstrip().splitlines()[-1] == lines[0]  # the reason stays the last line
+
+
+def _non_utf8_jsonl(tmp_path):
+    path = write_jsonl(make_synthetic_split("MRI", "train", 4, seed=0, num_options=2, image_size=56),
+                      str(tmp_path / "set.jsonl"), str(tmp_path / "img"))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"question": "', b'"question": "\xff\xfe', 1)  # Latin-1 bytes in line 3
+    path.write_bytes(b"".join(lines))
+    return path, lines[2].index(b"\xff")
+
+
+def test_non_utf8_jsonl_line_is_named_before_ray_starts(tmp_path, capfd):
+    path, offset = _non_utf8_jsonl(tmp_path)
+    with pytest.raises(LoadError, match=rf"^{path}:3: not UTF-8 text \(byte 0xff at offset {offset} of the line\)$"):
+        load_jsonl(str(path))
+    code, lines, err = _run(capfd, "train", "configs/tiny_cpu.yaml", "data.source=jsonl", f"data.path={path}",
+                            f"logging.run_dir={tmp_path / 'run'}", "logging.wandb=false")
+    assert code == 1 and "Traceback" not in err
+    assert lines == [f"medvlm-r1: error: {path}:3: not UTF-8 text (byte 0xff at offset {offset} of the line)"]
+    assert "Ray" not in err  # no Ray instance was started (Ray logs "Started a local Ray instance")
+
+
+def test_zero_steps_summary_is_valid_json():
+    summary = _summarize([], {})
+    text = json.dumps(summary, allow_nan=False)  # raises on NaN or inf
+    assert json.loads(text) == {"method": "grpo", "steps": 0, "first0/reward/accuracy": None, "last0/reward/accuracy": None,
+                                "first0/reward/format": None, "last0/reward/format": None,
+                                "first0/reward/total": None, "last0/reward/total": None}
+
+
+def test_a_learner_error_from_ray_becomes_its_cause_line():
+    from ray.exceptions import RayTaskError
+
+    from learner.finite_guard import NonFiniteStepError
+
+    cause = NonFiniteStepError("learner rank 1, optimiser step 7: non-finite values, loss=nan, grad_norm=nan, "
+                               "lr=0.001; the update was not applied")
+    remote = RayTaskError("LearnerRank.train_on", "Traceback (most recent call last):\n  ...", cause)
+    assert _failure(remote.as_instanceof_cause()) == (1, f"error: {cause}")
+    other = RayTaskError("RolloutWorker.generate", "Traceback ...", KeyError("pixel_values"),
+                         proctitle="ray::RolloutWorker.generate")
+    assert _failure(other.as_instanceof_cause()) == (
+        1, "error: RolloutWorker.generate failed: KeyError: 'pixel_values' (--debug shows the traceback)")
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 143)])
+def test_a_recorded_stop_ends_at_the_next_check_with_its_exit_code(signame, code):
+    stops.install_handlers()
+    assert stops.requested() is None
+    stops.check()  # nothing requested: no-op
+    signal.raise_signal(getattr(signal, signame))  # only recorded: this line returns
+    assert stops.requested() == signame
+    with pytest.raises(stops.StopRequested) as err:
+        stops.check()
+    assert err.value.exit_code == code and err.value.checkpoint is None
+    assert _failure(err.value) == (code, f"stopped by {signame}; no checkpoint saved")
+    assert _failure(stops.StopRequested(signame, "/runs/r/checkpoint-000040")) == (
+        code, f"stopped by {signame}; last checkpoint: /runs/r/checkpoint-000040")
+
+
+@pytest.mark.parametrize("first, second, code", [("SIGTERM", "SIGTERM", 143), ("SIGINT", "SIGINT", 130),
+                                                 ("SIGUSR1", "SIGINT", 130), ("SIGTERM", "SIGINT", 130)])
+def test_a_second_signal_stops_at_once(first, second, code):
+    stops.install_handlers()
+    signal.raise_signal(getattr(signal, first))
+    with pytest.raises(KeyboardInterrupt) as err:  # the one exception that leaves a blocking ray.get as it is
+        signal.raise_signal(getattr(signal, second))
+    assert stops.requested() == first and stops.last_signal() == second
+    assert err.value.exit_code == code and _failure(err.value) == (code, f"stopped at once by {second}")
+
+
+def test_reset_puts_back_the_previous_handlers():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stops.install_handlers()
+    stops.install_handlers()  # again, as after ray.init: still the first-found handlers are kept
+    assert signal.getsignal(signal.SIGTERM) is not before[0]
+    stops.reset()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
