@@ -139,9 +139,10 @@ def _one_line(exc: BaseException) -> str:
         cause, where = remote
         return _one_line(cause) if _is_ours(cause) else f"{where} failed: {_one_line(cause)}"
     text = str(exc).strip()
+    if _is_ours(exc) and text:
+        # Our messages may quote a multi-line one (Ray's account of a dead actor) before what to do next.
+        return " ".join(text.split())
     line = text.splitlines()[0] if text else ""
-    if _is_ours(exc) and line:
-        return line
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 

@@ -58,7 +58,7 @@ def test_section_given_as_a_scalar(tmp_path, capfd, text, override, where):
 
 @pytest.mark.parametrize("override, message", [
     ("rewards.weights={format: 1.0, acuracy: 1.0}", "config key 'rewards.weights': unknown reward 'acuracy' "
-     "(registered rewards: accuracy, format); did you mean 'accuracy'?"),
+     "(registered rewards: {known}); did you mean 'accuracy'?"),
     ("data.num_eval_per_modality=-1", "config key 'data.num_eval_per_modality': must be at least 1, got -1"),
     ("logging.num_samples_logged=-3", "config key 'logging.num_samples_logged': must be at least 0, got -3"),
     ("learner.lr=.inf", "config key 'learner.lr': must be a finite number, got inf"),
@@ -67,8 +67,11 @@ def test_section_given_as_a_scalar(tmp_path, capfd, text, override, where):
     ("rewards.weights.format=.nan", "config key 'rewards.weights.format': must be a finite number, got nan"),
 ])
 def test_values_that_cannot_run_are_refused_at_validation(capfd, override, message):
+    from rewards import REWARD_FUNCTIONS
+
     code, line = _one_line(capfd, "train", "configs/tiny_cpu.yaml", override)
-    assert (code, line) == (2, f"medvlm-r1: config error: {message}")
+    known = ", ".join(sorted(REWARD_FUNCTIONS))
+    assert (code, line) == (2, f"medvlm-r1: config error: {message.replace('{known}', known)}")
 
 
 def test_debug_adds_the_traceback_before_or_after_the_command(tmp_path, capfd):
@@ -121,6 +124,16 @@ def test_a_learner_error_from_ray_becomes_its_cause_line():
                          proctitle="ray::RolloutWorker.generate")
     assert _failure(other.as_instanceof_cause()) == (
         1, "error: RolloutWorker.generate failed: KeyError: 'pixel_values' (--debug shows the traceback)")
+
+
+def test_our_multi_line_message_becomes_one_line_keeping_its_end():
+    from launcher.actor_group import ActorDiedError
+
+    exc = ActorDiedError("learner rank 0 died while training: The actor died unexpectedly.\n\tclass_name: "
+                         "LearnerRank\n\tpid: 4242\n; a learner rank cannot be replaced in place: resume from /r/ck",
+                         "learner rank", 0)
+    assert _failure(exc) == (1, "error: learner rank 0 died while training: The actor died unexpectedly. class_name: "
+                                "LearnerRank pid: 4242 ; a learner rank cannot be replaced in place: resume from /r/ck")
 
 
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 143)])
