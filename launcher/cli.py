@@ -133,7 +133,7 @@ def _remote_error(exc: BaseException):
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of an error's message; an error of a Ray task is told by its cause."""
+    """An error's message as one line; an error of a Ray task is told by its cause."""
     remote = _remote_error(exc)
     if remote is not None:
         cause, where = remote
@@ -194,7 +194,7 @@ def _stop_ray_descendants(timeout_s: float = 10) -> None:
     def is_ray(p) -> bool:
         try:
             return p.name().startswith(("ray::", "raylet", "gcs_server", "VLLM::")) or \
-                any("site-packages/ray/" in part for part in p.cmdline())
+                any("/ray/" in part for part in p.cmdline())  # the ray package, a session dir
         except psutil.Error:
             return False
 

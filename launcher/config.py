@@ -234,12 +234,10 @@ def _yaml_value(raw: str):
 
 def _yaml_error(path: Path, exc) -> str:
     """One line: file, line and column (1-based) of a YAML syntax error, and what was being parsed."""
-    mark = exc.problem_mark or exc.context_mark
-    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    context = ""
-    if exc.problem and exc.context and exc.context_mark:
-        context = f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
-    return f"config file {path}{where}: YAML syntax error: {exc.problem or exc.context}{context}"
+    at = lambda m: f", line {m.line + 1}, column {m.column + 1}" if m else ""  # noqa: E731
+    started = f" ({exc.context} started at{at(exc.context_mark)[1:]})" if exc.problem and exc.context else ""
+    return f"config file {path}{at(exc.problem_mark or exc.context_mark)}: YAML syntax error: " \
+           f"{exc.problem or exc.context}{started}"
 
 
 def _load_yaml(path: Path) -> dict:
@@ -253,9 +251,7 @@ def _load_yaml(path: Path) -> dict:
         loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(_yaml_error(path, exc)) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start + 1})") from None
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: {str(exc).strip().splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
@@ -283,13 +279,12 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
-# Counts and sizes without a check of their own below: the smallest value that can run.
-_MINIMUMS = {
+_MINIMUMS = {  # counts and sizes without a check of their own below: the smallest value that can run
     "model.min_pixels": 1, "data.num_eval_per_modality": 1, "data.image_size": 1, "rollout.max_model_len": 1,
-    "rollout.kv_cache_gib": 1, "learner.warmup_steps": 0, "learner.weight_decay": 0, "grpo.eps": 0,
-    "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0, "logging.sample_every": 0,
-    "logging.num_samples_logged": 0, "cluster.master_port": 0,
-}
+    "rollout.kv_cache_gib": 1, "rollout.timeout_s": 0, "learner.warmup_steps": 0, "learner.weight_decay": 0,
+    "grpo.eps": 0, "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0,
+    "train.checkpoint_every": 0, "train.keep_checkpoints": 0, "logging.sample_every": 0,
+    "logging.num_samples_logged": 0, "cluster.master_port": 0, "cluster.max_worker_restarts": 0}
 
 
 def _check_finite(cfg: Config) -> None:
@@ -309,8 +304,9 @@ def _check_minimums(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         _check(value >= least, key, f"must be at least {least}, got {value}")
     _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus", "must be at least 1")
-    _check(cfg.cluster.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be positive")
-    _check(cfg.train.format_warmup_lr > 0, "train.format_warmup_lr", "must be positive")
+    for key, value in (("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor),
+                       ("train.format_warmup_lr", cfg.train.format_warmup_lr)):
+        _check(value > 0, key, f"must be positive, got {value}")
 
 
 def _check_rewards(weights: dict) -> None:
@@ -320,8 +316,7 @@ def _check_rewards(weights: dict) -> None:
     _check(bool(weights), "rewards.weights", "needs at least one reward")
     known = ", ".join(sorted(REWARD_FUNCTIONS))
     for name, weight in weights.items():
-        close = difflib.get_close_matches(str(name), list(REWARD_FUNCTIONS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = "".join(f"; did you mean {c!r}?" for c in difflib.get_close_matches(str(name), REWARD_FUNCTIONS, n=1))
         _check(name in REWARD_FUNCTIONS, "rewards.weights",
                f"unknown reward {name!r} (registered rewards: {known}){hint}")
         ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
@@ -373,10 +368,6 @@ def validate(cfg: Config) -> None:
     _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(cfg.data.num_train is None or cfg.data.num_train >= 1, "data.num_train", "must be at least 1")
     _check(cfg.train.steps >= 0, "train.steps", "must be >= 0")
-    _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _check(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
-    _check(cfg.rollout.timeout_s >= 0, "rollout.timeout_s", "must be >= 0 (0: derived from the work)")
-    _check(cfg.cluster.max_worker_restarts >= 0, "cluster.max_worker_restarts", "must be >= 0")
     cfg.train.resume = normalize_resume(cfg.train.resume)
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
     _validate_sft(cfg)
