@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,9 +13,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the offending key."""
+from launcher.config_checks import ConfigError, check as _check, check_finite, check_minimums, check_rewards, load_yaml
 
 
 @dataclass
@@ -232,37 +229,11 @@ def _yaml_value(raw: str):
         return raw
 
 
-def _yaml_error(path: Path, exc) -> str:
-    """One line: file, line and column (1-based) of a YAML syntax error, and what was being parsed."""
-    at = lambda m: f", line {m.line + 1}, column {m.column + 1}" if m else ""  # noqa: E731
-    started = f" ({exc.context} started at{at(exc.context_mark)[1:]})" if exc.problem and exc.context else ""
-    return f"config file {path}{at(exc.problem_mark or exc.context_mark)}: YAML syntax error: " \
-           f"{exc.problem or exc.context}{started}"
-
-
-def _load_yaml(path: Path) -> dict:
-    """The file's sections as plain dicts; a syntax error names the file, line and column."""
-    import yaml
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    except yaml.MarkedYAMLError as exc:
-        raise ConfigError(_yaml_error(path, exc)) from None
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: {str(exc).strip().splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return loaded
-
-
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides; validated. Returns a typed Config."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        cfg = _merge(cfg, _load_yaml(Path(path)), f"in {path}")
+        cfg = _merge(cfg, load_yaml(Path(path)), f"in {path}")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "on the command line")
     obj: Config = OmegaConf.to_object(cfg)
@@ -270,57 +241,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return obj
 
 
-def _check(ok: bool, key: str, msg: str):
-    if not ok:
-        raise ConfigError(f"config key '{key}': {msg}")
-
-
 def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
-
-
-_MINIMUMS = {  # counts and sizes without a check of their own below: the smallest value that can run
-    "model.min_pixels": 1, "data.num_eval_per_modality": 1, "data.image_size": 1, "rollout.max_model_len": 1,
-    "rollout.kv_cache_gib": 1, "rollout.timeout_s": 0, "learner.warmup_steps": 0, "learner.weight_decay": 0,
-    "grpo.eps": 0, "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0,
-    "train.checkpoint_every": 0, "train.keep_checkpoints": 0, "logging.sample_every": 0,
-    "logging.num_samples_logged": 0, "cluster.master_port": 0, "cluster.max_worker_restarts": 0}
-
-
-def _check_finite(cfg: Config) -> None:
-    """inf or nan in any number (a learning rate of .inf would write a policy of NaN)."""
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            items = value if isinstance(value, list) else [value]
-            bad = any(isinstance(v, float) and not math.isfinite(v) for v in items)
-            _check(not bad, f"{section.name}.{f.name}", f"must be a finite number, got {value}")
-
-
-def _check_minimums(cfg: Config) -> None:
-    for key, least in _MINIMUMS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value >= least, key, f"must be at least {least}, got {value}")
-    _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus", "must be at least 1")
-    for key, value in (("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor),
-                       ("train.format_warmup_lr", cfg.train.format_warmup_lr)):
-        _check(value > 0, key, f"must be positive, got {value}")
-
-
-def _check_rewards(weights: dict) -> None:
-    """Names from the reward registry (importing `rewards` registers the built-in ones); finite weights."""
-    from rewards import REWARD_FUNCTIONS
-
-    _check(bool(weights), "rewards.weights", "needs at least one reward")
-    known = ", ".join(sorted(REWARD_FUNCTIONS))
-    for name, weight in weights.items():
-        hint = "".join(f"; did you mean {c!r}?" for c in difflib.get_close_matches(str(name), REWARD_FUNCTIONS, n=1))
-        _check(name in REWARD_FUNCTIONS, "rewards.weights",
-               f"unknown reward {name!r} (registered rewards: {known}){hint}")
-        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
-        _check(ok, f"rewards.weights.{name}", f"must be a finite number, got {weight!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -332,9 +254,9 @@ def validate(cfg: Config) -> None:
     from protocol.choices import DEVICES, PRECISIONS
     from protocol.weight_update import SYNC_BACKENDS
 
-    _check_finite(cfg)
-    _check_minimums(cfg)
-    _check_rewards(cfg.rewards.weights)
+    check_finite(cfg)
+    check_minimums(cfg)
+    check_rewards(cfg.rewards.weights)
     r, lr, g = cfg.rollout, cfg.learner, cfg.grpo
     _check(r.group_size >= 2, "rollout.group_size", f"must be at least 2 for group advantages, got {r.group_size}")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
