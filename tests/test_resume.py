@@ -67,7 +67,7 @@ def _assert_same_steps(resumed: list[dict], reference: list[dict], after: int) -
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("ranks,stage", [(2, 3), (2, 2)])
+@pytest.mark.parametrize("ranks,stage", [(2, 3)])  # 1 rank ZeRO-2: the SIGKILL test below
 def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage):
     from launcher.train_loop import run_training
 
