@@ -121,7 +121,7 @@ SRUN_PIDS=()
 DRIVER_PID=
 RC=1
 
-# shellcheck disable=SC2317  # reached from the traps below
+# shellcheck disable=SC2317,SC2329  # reached from the traps below
 wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is alive
   local tries=$1 pid alive
   shift
@@ -134,7 +134,7 @@ wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is al
   return 1
 }
 
-# shellcheck disable=SC2317  # reached from the traps below
+# shellcheck disable=SC2317,SC2329  # reached from the traps below
 stop_all() {
   trap - EXIT TERM INT
   if [[ -n $DRIVER_PID ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
