@@ -15,7 +15,7 @@ import ray
 import torch
 
 from launcher import cluster, driver
-from launcher.actor_group import ActorGroup
+from launcher.actor_group import ActorCallError, ActorGroup
 from launcher.config import load_config
 from learner.grpo import LOSS_AGGREGATIONS
 from medvqa.prompt import load_processor, render_prompt
@@ -117,7 +117,8 @@ def _build(world: dict, cfg, model_dir) -> driver.Actors:
     hosts = world["hosts"]
     hosts.call_each("build", [(cfg, model_dir, r, len(hosts), "127.0.0.1", world["port"]) for r in range(len(hosts))],
                     doing="building learner ranks")
-    return driver.Actors(learners=hosts, workers=ActorGroup("rollout worker", []), placement=None)
+    return driver.Actors(cfg=cfg, model_path=model_dir, learners=hosts, workers=ActorGroup("rollout worker", []),
+                         placement=None, worker_pids=[], learner_port=world["port"])
 
 
 def _full_parameters(actors: driver.Actors) -> dict[str, torch.Tensor]:
@@ -153,5 +154,5 @@ def test_ranks_with_unequal_micro_batch_counts_fail_instead_of_hanging(worlds, b
     """3 prompts over 2 ranks: 8 samples (2 micro-batches of 4) against 4 (1 micro-batch)."""
     batch, records = batch_and_records
     two = _build(worlds[2], _cfg(tiny_model_dir, 3, "token_mean"), tiny_model_dir)
-    with pytest.raises(ray.exceptions.RayTaskError, match="learner ranks got shards of 1 to 2 micro-batches"):
+    with pytest.raises(ActorCallError, match="learner ranks got shards of 1 to 2 micro-batches"):
         driver.train(two, batch.select_prompts([0, 1, 2]), records[:3])
