@@ -35,9 +35,21 @@ def _init_process_group(cfg: Config, rank: int, world_size: int, master_addr: st
                       LOCAL_WORLD_SIZE="1" if gpu else str(world_size),
                       MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
     backend = "nccl" if gpu else "gloo"
+    if not gpu:
+        _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                rank=rank, world_size=world_size)
     return backend
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about 1-2 min on 2 cores) that only
+    its inference all-reduce uses; training reduces through gloo. The build holds a file lock under
+    ~/.cache/torch_extensions: a rank killed mid-build (a timeout, a fault test, Ctrl-C) leaves the lock behind
+    and every later DeepSpeed start on the machine waits on it forever. Marking the op incompatible skips it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _load_hf_model(model_path: str, dtype: torch.dtype):
