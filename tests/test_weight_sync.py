@@ -161,7 +161,8 @@ def join(actors, backend: str = "gloo"):
 
     port, world = free_port(), 1 + len(actors)
     joined = [a.init_weight_sync.remote("127.0.0.1", port, 1 + i, world, backend) for i, a in enumerate(actors)]
-    sender = WeightSender("127.0.0.1", port, world_size=world, backend=backend)
+    # A peer that never answers fails the test in 2 minutes instead of the production default of 30.
+    sender = WeightSender("127.0.0.1", port, world_size=world, backend=backend, timeout_s=120)
     ray.get(joined)
     return sender
 
@@ -186,22 +187,56 @@ def small_cfg():
     return cfg
 
 
+class EnginePool:
+    """Two rollout engines in Ray actors, as with rollout.num_workers=2, kept for the module; an engine
+    that a test left refusing work is replaced, so that no test depends on what an earlier one did."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self.actors = [self._start(i) for i in range(2)]
+
+    def _start(self, index: int):
+        import ray
+
+        from rollout_workers.worker import RolloutWorker
+
+        return ray.remote(RolloutWorker).options(num_cpus=1).remote(small_cfg(), self.model_dir, index)
+
+    def replace_broken(self) -> None:
+        import ray
+
+        broken = ray.get([a.__ray_call__.remote(lambda w: w._broken is not None) for a in self.actors], timeout=120)
+        for i, dead in enumerate(broken):
+            if dead:
+                ray.get(self.actors[i].shutdown.remote(), timeout=60)
+                ray.kill(self.actors[i])
+                self.actors[i] = self._start(i)
+
+    def close(self) -> None:
+        import ray
+
+        ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+
+
 @pytest.fixture(scope="module")
-def ray_workers(tiny_model_dir):
-    """Two rollout engines in Ray actors, as with rollout.num_workers=2."""
+def engine_pool(tiny_model_dir):
     import ray
 
-    from rollout_workers.worker import RolloutWorker
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    actors = [ray.remote(RolloutWorker).options(num_cpus=1).remote(small_cfg(), tiny_model_dir, i) for i in range(2)]
     try:
-        yield actors
-    finally:
+        pool = EnginePool(tiny_model_dir)
         try:
-            ray.get([a.shutdown.remote() for a in actors], timeout=60)
+            yield pool
         finally:
-            ray.shutdown()
+            pool.close()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_workers(engine_pool):
+    yield engine_pool.actors
+    engine_pool.replace_broken()
 
 
 def all_logprobs(actors, record, completion) -> list[torch.Tensor]:
@@ -211,6 +246,7 @@ def all_logprobs(actors, record, completion) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, tiny_model_dir, tmp_path):
     import ray
     from transformers import Qwen2VLForConditionalGeneration
@@ -252,26 +288,29 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_failed_update_leaves_the_workers_refusing_work(ray_workers, tiny_model_dir):
-    """Runs after the exactness test (same actors): a sender that aborts mid-update."""
+    """A sender that aborts mid-update; the engines keep the version they had (whatever earlier tests left)."""
     import ray
     from ray.exceptions import RayTaskError
     from safetensors.torch import load_file
 
     from medvqa.synthetic import make_synthetic_split
 
+    (before,) = set(ray.get([a.weight_version.remote() for a in ray_workers]))
+    version = before + 1
     sender = join(ray_workers)
     named = list(load_file(str(Path(tiny_model_dir) / "model.safetensors")).items())
     meta = wu.WeightUpdateMeta.from_tensors(named)
     named[-1] = (named[-1][0], named[-1][1][:1])  # the last tensor arrives cut short
-    pending = [a.receive_weights.remote(3, meta.to_dict()) for a in ray_workers]
+    pending = [a.receive_weights.remote(version, meta.to_dict()) for a in ray_workers]
     with pytest.raises(wu.WeightSyncError, match=named[-1][0].replace(".", r"\.")):
-        sender.send(named, 3, meta)
+        sender.send(named, version, meta)
     record = make_synthetic_split("MRI", "test", 1, seed=3)[0]
     for i, (actor, update) in enumerate(zip(ray_workers, pending)):
-        with pytest.raises(RayTaskError, match=f"rollout worker {i}: weight update v3 failed"):
+        with pytest.raises(RayTaskError, match=f"rollout worker {i}: weight update v{version} failed"):
             ray.get(update, timeout=120)
         with pytest.raises(RayTaskError, match=f"rollout worker {i}: cannot run generate"):
             ray.get(actor.generate.remote([record], 0), timeout=120)
-        assert ray.get(actor.weight_version.remote()) == 2
+        assert ray.get(actor.weight_version.remote()) == before
     sender.close()
