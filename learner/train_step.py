@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed
     from launcher.config import Config
 
 # grpo_loss statistics averaged over tokens into the step's metrics.
-_TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean")
+_TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean",
+                "tis/weight_mean", "tis/clipped_fraction")
 
 
 @dataclasses.dataclass
@@ -190,10 +191,12 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
             logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
                                                   inputs.temperature, with_entropy=True)
             mask = mb.completion_targets()[1].to(plan.device)
+            sampling = _sampling_logprobs(plan, m, logprobs.detach()) if g.tis_cap > 0 else None
             loss, stats = grpo_loss(
                 logprobs, None if inputs.old is None else inputs.old[m],
                 None if inputs.ref is None else inputs.ref[m], inputs.advantages[plan.sample_indices[m]].to(plan.device),
-                mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens)
+                mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens,
+                sampling_logprobs=sampling, tis_cap=g.tis_cap)
             engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
             seen.append(logprobs.detach())
             sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share

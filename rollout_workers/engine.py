@@ -5,7 +5,7 @@ import base64
 import os
 import pickle
 import threading
-from typing import Sequence, TYPE_CHECKING
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 
@@ -89,10 +89,16 @@ def check_plugin(backend: str) -> None:
                            "weight-transfer engine")
 
 
-def set_engine_env(cfg: Config) -> None:
-    """Environment the engine's processes read at start-up (they inherit this process's)."""
+def set_engine_env(cfg: Config, cores: Optional[list[int]] = None) -> None:
+    """Environment the engine's processes read at start-up (they inherit this process's); `cores`: the
+    cores this actor is pinned to, which the CPU model runner binds its threads to."""
     if cfg.cluster.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gib)
+        if cores:
+            # One list per engine process (tensor-parallel rank), separated by "|".
+            tp = cfg.rollout.tensor_parallel_size
+            parts = [cores[i::tp] or cores for i in range(tp)]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, p)) for p in parts)
     # The processor cache and tokenizers are touched from vLLM's threads; their pools would
     # oversubscribe the few cores a CPU actor gets.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
