@@ -141,16 +141,18 @@ def hf_completion_logprobs(model, processor, record, completion: list[int]) -> l
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
-def perturb_and_export(model, seed: int, out_dir: Path) -> list[tuple[str, torch.Tensor]]:
-    """Add seeded noise to every parameter; return the tensors under their checkpoint names."""
+def perturb_and_export(model, seed: int, out_dir: Path, skip: str = "\0") -> list[tuple[str, torch.Tensor]]:
+    """Add seeded noise to every parameter whose name lacks `skip`; return those tensors under their
+    checkpoint names."""
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for name, p in model.named_parameters():
+            if skip not in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.save_pretrained(out_dir)  # save_pretrained writes the names vLLM's loader reads
-    return list(load_file(str(out_dir / "model.safetensors")).items())
+    return [(n, t) for n, t in load_file(str(out_dir / "model.safetensors")).items() if skip not in n]
 
 
 def join(actors, backend: str = "gloo"):
@@ -233,8 +235,9 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, 
     assert ray.get([a.weight_version.remote() for a in ray_workers]) == [0, 0]
 
     sender = join(ray_workers)
-    for version in (1, 2):
-        named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}")
+    # v3 is what a frozen vision tower gives: only the language model's tensors travel, the tower stays.
+    for version, skip in ((1, "\0"), (2, "\0"), (3, "visual")):
+        named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}", skip=skip)
         seconds = sync(ray_workers, sender, named, version)
         print(f"weight sync v{version} to {len(ray_workers)} engines: {len(named)} tensors, "
               f"{sum(t.numel() * t.element_size() for _, t in named) / 1e6:.1f} MB in {seconds:.2f} s")
@@ -246,8 +249,9 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, 
         assert ray.get([a.weight_version.remote() for a in ray_workers]) == [version, version]
         previous = current
 
+    assert 0 < len(named) < len(list(model.named_parameters()))
     batch = ray.get(ray_workers[1].generate.remote([record], 0))
-    assert batch.weight_version == 2 and batch.num_samples == 2
+    assert batch.weight_version == 3 and batch.num_samples == 2
     sender.close()
 
 
@@ -264,14 +268,14 @@ def test_a_failed_update_leaves_the_workers_refusing_work(ray_workers, tiny_mode
     named = list(load_file(str(Path(tiny_model_dir) / "model.safetensors")).items())
     meta = wu.WeightUpdateMeta.from_tensors(named)
     named[-1] = (named[-1][0], named[-1][1][:1])  # the last tensor arrives cut short
-    pending = [a.receive_weights.remote(3, meta.to_dict()) for a in ray_workers]
+    pending = [a.receive_weights.remote(4, meta.to_dict()) for a in ray_workers]
     with pytest.raises(wu.WeightSyncError, match=named[-1][0].replace(".", r"\.")):
-        sender.send(named, 3, meta)
+        sender.send(named, 4, meta)
     record = make_synthetic_split("MRI", "test", 1, seed=3)[0]
     for i, (actor, update) in enumerate(zip(ray_workers, pending)):
-        with pytest.raises(RayTaskError, match=f"rollout worker {i}: weight update v3 failed"):
+        with pytest.raises(RayTaskError, match=f"rollout worker {i}: weight update v4 failed"):
             ray.get(update, timeout=120)
         with pytest.raises(RayTaskError, match=f"rollout worker {i}: cannot run generate"):
             ray.get(actor.generate.remote([record], 0), timeout=120)
-        assert ray.get(actor.weight_version.remote()) == 2
+        assert ray.get(actor.weight_version.remote()) == 3
     sender.close()
