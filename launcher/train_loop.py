@@ -98,6 +98,7 @@ class Run:
     evals: dict = dataclasses.field(default_factory=dict)
     last_checkpoint: Optional[Path] = None
     rollouts: RolloutQueue = dataclasses.field(init=False)  # batches sent ahead of training (launcher/overlap.py)
+    started: float = 0.0  # perf_counter when this process's GRPO steps began
 
     def __post_init__(self):
         self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)
@@ -106,6 +107,7 @@ class Run:
         cfg = self.cfg
         if self.step == 0 and self.eval_sets and (cfg.train.eval_at_end or cfg.train.eval_every):
             self.evals[0] = self._evaluate(step=0)
+        self.started = time.perf_counter()
         while self.step < cfg.train.steps:
             self.step += 1
             self._one_step()
@@ -114,15 +116,17 @@ class Run:
                 self.checkpoint()
             if stops.requested():
                 stops.check(str(self.checkpoint()))
+        steps_s = time.perf_counter() - self.started
         last = cfg.train.steps
         if self.eval_sets and cfg.train.eval_at_end and last not in self.evals:
             self.evals[last] = self._evaluate(last)
-        return _summarize(self.history, self.evals)
+        return {**_summarize(self.history, self.evals), "time/grpo_s": steps_s}
 
     def _one_step(self) -> None:
         cfg, step = self.cfg, self.step
         row, batch, records = _step(cfg, self.actors, self.rollouts, step, self.version)
         self.version = row["weight_version"]
+        row["time/elapsed_s"] = time.perf_counter() - self.started
         self.history.append(row)
         self.sink.log_step(row)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
