@@ -58,6 +58,8 @@ class RolloutConfig:
     kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
     timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
+    engine_in_process: bool = False  # run vLLM's engine core and model inside the rollout worker's process (no
+    #                                  per-token IPC: much faster for small models on CPU); false: vLLM's own processes
 
 
 @dataclass

@@ -99,6 +99,9 @@ def set_engine_env(cfg: Config, cores: Optional[list[int]] = None) -> None:
             tp = cfg.rollout.tensor_parallel_size
             parts = [cores[i::tp] or cores for i in range(tp)]
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, p)) for p in parts)
+    if cfg.rollout.engine_in_process:
+        # The engine core and the model then run in this process: a dead engine is a dead actor.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # The processor cache and tokenizers are touched from vLLM's threads; their pools would
     # oversubscribe the few cores a CPU actor gets.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
