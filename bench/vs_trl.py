@@ -96,7 +96,7 @@ def trl_rewards(weights: dict) -> list:
 
 def run_trl(model_dir: str, cfg, steps: int) -> tuple[list, list]:
     import torch
-    from transformers import Qwen2VLForConditionalGeneration, TrainerCallback
+    from transformers import PrinterCallback, Qwen2VLForConditionalGeneration, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from launcher.data import build_datasets
@@ -129,6 +129,7 @@ def run_trl(model_dir: str, cfg, steps: int) -> tuple[list, list]:
         train_dataset=trl_dataset(build_datasets(cfg.data)[0]),
         processing_class=load_processor(model_dir, cfg.model.min_pixels, cfg.model.max_pixels),
         callbacks=[StepClock()])
+    trainer.remove_callback(PrinterCallback)  # a dict printed per step otherwise
     trainer.train()
     return [s - t0 for s in stamps], tokens
 

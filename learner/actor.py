@@ -130,8 +130,10 @@ class LearnerRank:
         chunks = [list(range(s, min(s + size, batch.num_samples))) for s in range(0, batch.num_samples, size)]
         micro = [collate_samples(prompts, [i // g for i in idx], [batch.completion_token_ids[i] for i in idx],
                                  pad, prompt_keys=range(len(prompts))) for idx in chunks]
+        # Recomputed activations drop the prompt's cache, which the shared pass continues from.
         return StepPlan(batch=batch, prompts=prompts, micro_batches=micro, sample_indices=chunks,
-                        device=self.device, freeze_vision=self.cfg.model.freeze_vision)
+                        device=self.device, freeze_vision=self.cfg.model.freeze_vision,
+                        share_prompts=not self.cfg.learner.gradient_checkpointing)
 
     def train_sft(self, records: list[MedVQARecord], target: str) -> dict[str, float]:
         """One supervised optimiser step on this rank's records (see learner/sft.py); every rank

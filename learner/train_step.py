@@ -34,6 +34,7 @@ class StepPlan:
     sample_indices: list[list[int]]  # the shard's sample indices of each micro-batch
     device: torch.device
     freeze_vision: bool
+    share_prompts: bool = False  # one language-model pass per distinct prompt (learner/shared_prompt.py)
 
 
 def _temperature(cfg: Config) -> float:
@@ -42,9 +43,9 @@ def _temperature(cfg: Config) -> float:
     return t if t > 0 else 1.0
 
 
-def _forward_logprobs(module, batch: SampleBatch, feats, device, temperature, with_entropy=False):
+def _forward_logprobs(module, batch: SampleBatch, feats, device, temperature, with_entropy=False, share=False):
     """Log-probs [B, T] of the tokens from position min_prompt_len on (and entropy if asked)."""
-    logits = module(**batch_kwargs(batch, feats, device))[:, :-1]
+    logits = module(**batch_kwargs(batch, feats, device, share_prompts=share))[:, :-1]
     targets, _ = batch.completion_targets()
     logprobs = token_logprobs(logits, targets.to(device), temperature)
     entropy = None
@@ -79,8 +80,8 @@ def _micro_feats(feats: Optional[list[torch.Tensor]], batch: SampleBatch):
 
 @torch.no_grad()
 def _all_logprobs(module, plan: StepPlan, feats, temperature) -> list[torch.Tensor]:
-    return [_forward_logprobs(module, mb, _micro_feats(feats, mb), plan.device, temperature)[0]
-            for mb in plan.micro_batches]
+    return [_forward_logprobs(module, mb, _micro_feats(feats, mb), plan.device, temperature,
+                              share=plan.share_prompts)[0] for mb in plan.micro_batches]
 
 
 def reduce_over_ranks(values: list[float], world_size: int, device, op=dist.ReduceOp.SUM) -> list[float]:
@@ -189,7 +190,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
         for m, mb in enumerate(plan.micro_batches):
             engine.set_gradient_accumulation_boundary(m == last)
             logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
-                                                  inputs.temperature, with_entropy=True)
+                                                  inputs.temperature, with_entropy=True, share=plan.share_prompts)
             mask = mb.completion_targets()[1].to(plan.device)
             sampling = _sampling_logprobs(plan, m, logprobs.detach()) if g.tis_cap > 0 else None
             loss, stats = grpo_loss(

@@ -119,6 +119,32 @@ def test_policy_forward_matches_the_hf_forward(policy, records, processor):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def test_shared_prompt_pass_gives_the_full_pass_logits_and_gradient(tiny_model_dir, records, processor):
+    """Two prompts of different lengths (4 and 9 image tokens), samples of both interleaved, completions of
+    different lengths: one pass per prompt plus one over the completions equals prompt + completion per
+    sample, in the logits of every completion token and in the gradient of a loss on them."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    prompts = encode_prompts(records, [_prompt_ids(r, processor) for r in records], processor)
+    comps = [_completion(processor, t) for t in (TEXTS[0], TEXTS[1], TEXTS[3], TEXTS[2], TEXTS[1])]
+    batch = collate_samples(prompts, [1, 0, 1, 1, 0], comps, processor.tokenizer.pad_token_id)
+    targets, mask = batch.completion_targets()
+    out = {}
+    for share in (False, True):
+        module = PolicyModule(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float64))
+        logits = module(**batch_kwargs(batch, None, "cpu", share_prompts=share))[:, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        (-(lp * mask.double() * torch.linspace(-1, 2, lp.shape[1], dtype=torch.float64)).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        out[share] = (lp[mask.bool()], grads)
+    assert out[True][0].shape == (sum(map(len, comps)),)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-10, rtol=0)
+    assert set(out[True][1]) == set(out[False][1]) and any(n.startswith("hf.model.visual") for n in out[True][1])
+    for name, g in out[False][1].items():
+        # float64 throughout, except the rotary embeddings, which round through float32
+        assert float((out[True][1][name] - g).abs().max()) <= 1e-6 * float(g.abs().max()), name
+
+
 def test_completion_holding_an_image_token_is_scored_as_text(policy, records, processor):
     """A sampled <|image_pad|> in a completion breaks HF's own forward; ours treats it as the text
     token the engine embedded, and causality holds around it."""
