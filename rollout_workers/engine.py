@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import pickle
 import threading
@@ -136,6 +137,15 @@ def check_nccl(who: str) -> None:
     except Exception as exc:
         raise WeightSyncError(f"{who}: NCCL weight sync would be disabled ({nccl_disabled_reason()}): "
                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def quiet_in_process_engine(cfg: Config) -> None:
+    """vLLM's CPU worker replaces torch.set_num_threads with a stub that warns on every call, and its
+    request renderer calls it twice per image prompt: with the engine in this process that is two log
+    lines per prompt. The thread count is this actor's already (one per pinned core), so drop them."""
+    if cfg.rollout.engine_in_process and cfg.cluster.device == "cpu":
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "torch.set_num_threads" not in record.getMessage())
 
 
 def image_prompt(record: MedVQARecord, processor) -> dict:

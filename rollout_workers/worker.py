@@ -55,6 +55,7 @@ class RolloutWorker:
         start = time.perf_counter()
         self.llm = self._guard("start-up", lambda: _new_llm(eng.engine_kwargs(cfg, model_path, worker_index)))
         eng.watch_engine(self.llm)
+        eng.quiet_in_process_engine(cfg)
         log.info("rollout worker %d: engine up in %.1f s (%s, weight sync over %s)", worker_index,
                  time.perf_counter() - start, eng.engine_dtype(cfg), self.backend)
 
