@@ -110,9 +110,10 @@ def _node_slots(group) -> list[int]:
 
 def cpu_slot(cfg: Config, placement: Placement, bundle: int) -> Optional[int]:
     """The share an actor in `bundle` pins itself to (cluster.pin_cpus), or None: not pinned (GPU profile,
-    or a fractional CPU share)."""
+    a fractional CPU share, or colocated actors, which take turns anyway)."""
     c = cfg.cluster
-    if not c.pin_cpus or c.device != "cpu" or c.cpus_per_actor < 1 or c.cpus_per_actor != int(c.cpus_per_actor):
+    whole = c.cpus_per_actor >= 1 and c.cpus_per_actor == int(c.cpus_per_actor)
+    if not c.pin_cpus or c.device != "cpu" or c.colocate or not whole:
         return None
     return placement.node_slots[bundle]
 
