@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from launcher import checkpoints, cluster, driver, stops
-from launcher.overlap import RolloutQueue
 from launcher.actor_group import ActorFailure
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
 from launcher.metrics import MetricsSink, read_rows
+from launcher.overlap import RolloutQueue
 from launcher.report import load_evaluations
 
 log = logging.getLogger(__name__)

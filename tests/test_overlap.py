@@ -54,7 +54,7 @@ def _sequential_reference(cfg, steps: int) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_no_staleness_is_the_sequential_loop_bit_for_bit(warmed_model, tmp_path):
     from launcher.train_loop import run_training
 
@@ -73,7 +73,7 @@ def test_no_staleness_is_the_sequential_loop_bit_for_bit(warmed_model, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_model, tmp_path):
     from launcher.train_loop import run_training
 
@@ -104,7 +104,7 @@ def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_mode
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_stop_between_checkpoints_discards_the_batch_in_flight(warmed_model, tmp_path):
     """SIGUSR1 while batch s+1 is being sampled: the checkpoint of step s rewinds the prompt sampler to
     before that batch's draw, and the resumed run samples it again (fresh) and finishes every step once."""
