@@ -40,8 +40,13 @@ def _cmd_sft(args) -> int:
 def _cmd_make_tiny_model(args) -> int:
     from medvqa.tiny_model import build_tiny_model
 
-    out = build_tiny_model(args.out_dir, seed=args.seed)
-    print(f"tiny Qwen2-VL written to {out}")
+    try:
+        out = build_tiny_model(args.out_dir, seed=args.seed, hidden=args.hidden, layers=args.layers,
+                               intermediate=args.intermediate)
+    except ValueError as exc:
+        print(f"medvlm-r1: make-tiny-model: {exc}", file=sys.stderr)
+        return 2
+    print(f"tiny Qwen2-VL (hidden {args.hidden}, {args.layers} layers) written to {out}")
     return 0
 
 
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--hidden", type=int, default=128, help="text hidden size, a multiple of 64 (heads of 64)")
+    m.add_argument("--layers", type=int, default=2, help="text decoder layers")
+    m.add_argument("--intermediate", type=int, default=None, help="text MLP size (default: twice --hidden)")
     m.set_defaults(func=_cmd_make_tiny_model)
     e = sub.add_parser("eval", parents=[common],
                        help="greedy evaluation of a checkpoint on the config's held-out sets")

@@ -76,6 +76,7 @@ class Placement:
     group: object
     learner_bundles: list[int]
     worker_bundles: list[int]
+    node_slots: list[int] = dataclasses.field(default_factory=list)  # per bundle: its number on its node
 
     def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
@@ -93,7 +94,28 @@ def place(cfg: Config, with_learners: bool = True, timeout_s: float = 600) -> Pl
     workers = [_bundle(cfg, "worker") for _ in range(cfg.rollout.num_workers)]
     group = _ready_group(learner + workers, f"{len(learner)} learner and {len(workers)} rollout bundles", timeout_s)
     n = len(learner)
-    return Placement(group, list(range(n)), list(range(n, n + len(workers))))
+    return Placement(group, list(range(n)), list(range(n, n + len(workers))), _node_slots(group))
+
+
+def _node_slots(group) -> list[int]:
+    """Per bundle, how many bundles before it share its node: its share of that node's cores."""
+    nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    seen: dict = {}
+    slots = []
+    for bundle in sorted(nodes):
+        slots.append(seen.setdefault(nodes[bundle], 0))
+        seen[nodes[bundle]] += 1
+    return slots
+
+
+def cpu_slot(cfg: Config, placement: Placement, bundle: int) -> Optional[int]:
+    """The share an actor in `bundle` pins itself to (cluster.pin_cpus), or None: not pinned (GPU profile,
+    a fractional CPU share, or colocated actors, which take turns anyway)."""
+    c = cfg.cluster
+    whole = c.cpus_per_actor >= 1 and c.cpus_per_actor == int(c.cpus_per_actor)
+    if not c.pin_cpus or c.device != "cpu" or c.colocate or not whole:
+        return None
+    return placement.node_slots[bundle]
 
 
 def _place_colocated(cfg: Config, with_learners: bool, timeout_s: float) -> Placement:
@@ -165,7 +187,7 @@ def start_learners(cfg: Config, placement: Placement, model_path: str, addr: str
     return ActorGroup("learner rank", [
         cls.options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "learner"), max_concurrency=1,
                     scheduling_strategy=placement.strategy(b))
-        .remote(cfg, model_path, rank, world, addr, port)
+        .remote(cfg, model_path, rank, world, addr, port, cpu_slot=cpu_slot(cfg, placement, b))
         for rank, b in enumerate(placement.learner_bundles)
     ])
 
@@ -177,7 +199,7 @@ def start_worker(cfg: Config, placement: Placement, model_path: str, index: int,
     return (ray.remote(RolloutWorker)
             .options(num_cpus=cfg.cluster.cpus_per_actor, num_gpus=actor_gpus(cfg, "worker"),
                      scheduling_strategy=placement.strategy(bundle))
-            .remote(cfg, model_path, index))
+            .remote(cfg, model_path, index, cpu_slot=cpu_slot(cfg, placement, bundle)))
 
 
 def start_workers(cfg: Config, placement: Placement, model_path: str) -> ActorGroup:

@@ -58,6 +58,8 @@ class RolloutConfig:
     kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
     timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
+    engine_in_process: bool = False  # run vLLM's engine core and model inside the rollout worker's process (no
+    #                                  per-token IPC: much faster for small models on CPU); false: vLLM's own processes
 
 
 @dataclass
@@ -87,6 +89,8 @@ class GRPOConfig:
     loss_agg: str = "seq_mean_token_mean"  # how token losses are averaged (learner.grpo.LOSS_AGGREGATIONS)
     normalize_std: bool = True  # divide group advantages by the group's std (Dr.GRPO: false)
     eps: float = 1e-4  # added to the group std, as in the paper's trainer
+    tis_cap: float = 2.0  # each token's policy loss is weighted by min(pi_old / pi_sample, tis_cap), pi_sample
+    #                       being the rollout engine's log-prob of the token (truncated importance sampling); 0: off
 
 
 @dataclass
@@ -106,6 +110,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # full checkpoint (learner, optimiser, sampler, RNG) every N steps and at the end (0: none; a stop signal always writes one)
     keep_checkpoints: int = 2  # full checkpoints kept in <run>/checkpoints (0: all)
     resume: str = "auto"  # auto: resume from the run dir's latest checkpoint if any | a checkpoint or run dir | false
+    max_staleness: int = 0  # 0: strictly on-policy (generate, train, sync in turn); k >= 1: the rollout workers sample
+    #                         the next batches while the learner trains, each trained at most k weight versions
+    #                         after the version it was sampled with (launcher/overlap.py)
 
 
 @dataclass
@@ -145,6 +152,9 @@ class ClusterConfig:
     master_port: int = 0  # port for the learner's torch.distributed group (0: pick a free one)
     max_worker_restarts: int = 3  # dead or stuck rollout workers replaced per run before the run stops
     colocate: bool = False  # learner rank i and rollout engine i share one GPU (one bundle); the engine sleeps while the learner trains
+    pin_cpus: bool = False  # CPU profile: bind each actor (a vLLM engine's processes included) to cpus_per_actor
+    #                         cores of its own on its node, so learner and rollout really run side by side
+    #                         (whole-core shares only; fractional shares are left to the OS)
 
 
 @dataclass
@@ -281,6 +291,7 @@ def validate(cfg: Config) -> None:
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
     _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")
+    _check(g.tis_cap == 0 or g.tis_cap >= 1, "grpo.tis_cap", f"must be 0 (off) or at least 1, got {g.tis_cap}")
     _one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
     _one_of(cfg.cluster.device, DEVICES, "cluster.device")
     _one_of(cfg.cluster.sync_backend, SYNC_BACKENDS, "cluster.sync_backend")
@@ -333,6 +344,9 @@ def _check_colocation(cfg: Config) -> None:
            f"{cfg.learner.num_ranks} (learner.num_ranks), got {r.num_workers}")
     _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
            f"with cluster.colocate an engine has its learner rank's one GPU, got {r.tensor_parallel_size}")
+    _check(cfg.train.max_staleness == 0, "train.max_staleness",
+           "with cluster.colocate the engine sleeps while its learner rank trains, so generation cannot run "
+           f"ahead: set 0, got {cfg.train.max_staleness}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -21,7 +21,7 @@ from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup, Actor
 from launcher.config import Config
 from medvqa.record import MedVQARecord
 from protocol.batch import RolloutBatch
-from protocol.weight_update import resolve_backend
+from protocol.weight_update import WeightUpdateMeta, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +148,44 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
+@dataclasses.dataclass
+class PendingRollout:
+    """Generation calls already sent to the rollout workers, not yet waited for."""
+    records: list[MedVQARecord]
+    seed: int
+    calls: Calls
+    sent_to: list  # the worker actor at each index when the calls were sent
+
+
+def _generate_args(actors: Actors, records: list[MedVQARecord], seed: int) -> list[Optional[tuple]]:
+    """Worker i samples shard i (contiguous, sizes within one) with seed + i."""
+    return [(s, seed + i) if s else None for i, s in enumerate(split_evenly(records, len(actors.workers)))]
+
+
+def submit_generate(actors: Actors, records: list[MedVQARecord], seed: int) -> PendingRollout:
+    """Send the generation of `records` to the workers without waiting: each samples with the weights it
+    holds when it gets to the call (calls run in the order they were sent, a weight update included)."""
+    calls = actors.workers.submit_each("generate", _generate_args(actors, records, seed))
+    return PendingRollout(list(records), seed, calls, list(actors.workers.actors))
+
+
 def generate(actors: Actors, records: list[MedVQARecord], seed: int) -> RolloutBatch:
-    """G scored samples per record; worker i samples shard i with its own seed, and the shards are
-    joined in the records' order. A worker that dies or misses its deadline is replaced and its shard
-    sampled again (same seed, same weights)."""
-    shards = split_evenly(records, len(actors.workers))
-    args = [(s, seed + i) if s else None for i, s in enumerate(shards)]
-    parts = settle_with_recovery(actors, "generate", args, "generating",
-                                 rollout_timeout(actors.cfg, max(len(s) for s in shards)))
+    """G scored samples per record, sampled now (see `collect`)."""
+    return collect(actors, submit_generate(actors, records, seed))
+
+
+def collect(actors: Actors, pending: PendingRollout) -> RolloutBatch:
+    """The batch of submitted generation calls; the shards are joined in the records' order. A worker
+    that dies or misses its deadline is replaced and its shard sampled again (same seed). If that leaves
+    shards of different weight versions (the replacement holds newer weights than the others had when
+    they sampled ahead), the whole batch is sampled again, now."""
+    args = _generate_args(actors, pending.records, pending.seed)
+    timeout = rollout_timeout(actors.cfg, max(len(a[0]) for a in args if a))
+    parts = settle_with_recovery(actors, "generate", args, "generating", timeout, first=pending)
+    if len({p.weight_version for p in parts.values()}) > 1:
+        parts = settle_with_recovery(actors, "generate", args, "generating", timeout)
     batch = RolloutBatch.concat([parts[i] for i in sorted(parts)])
-    batch.check_records(records)
+    batch.check_records(pending.records)
     return batch
 
 
@@ -185,12 +213,16 @@ def free_gpus_for_training(actors: Actors) -> None:
                         timeout_s=rollout_timeout(actors.cfg, 0))
 
 
-def sync_weights(actors: Actors, version: int) -> None:
+def sync_weights(actors: Actors, version: int, queued_prompts: int = 0) -> int:
     """Push the learner's weights as `version` into every engine; a rollout worker that fails the
-    update is replaced, and the update is sent again."""
+    update is replaced, and the update is sent again. Each worker takes the update after the calls
+    already queued on it (`queued_prompts` prompts of generation sent ahead, which the deadline covers).
+    Returns the bytes of one update (only the parameters that train are sent)."""
     if actors.update_meta is None:  # fixed for a model: asked for once per run
         actors.update_meta = actors.learners.call_one(0, "weight_update_meta", doing="describing the weights")
-    sync_with_recovery(actors, version)
+    timeout = rollout_timeout(actors.cfg, 0) + (rollout_timeout(actors.cfg, queued_prompts) if queued_prompts else 0)
+    sync_with_recovery(actors, version, timeout)
+    return WeightUpdateMeta.from_dict(actors.update_meta).total_bytes
 
 
 def save_policy(actors: Actors, out_dir: Path) -> None:
@@ -250,24 +282,30 @@ def _failed_workers(results: dict) -> dict[int, ActorFailure]:
 
 
 def settle_with_recovery(actors: Actors, method: str, args: Sequence[Optional[tuple]], doing: str,
-                         timeout_s: float) -> dict:
-    """{worker index: result} of `method` on the workers with args; failed workers are replaced and
-    their calls re-issued until every call succeeded (or the restart budget is spent)."""
-    todo, results = list(args), {}
+                         timeout_s: float, first: Optional[PendingRollout] = None) -> dict:
+    """{worker index: result} of `method` on the workers with args (the calls of `first` when they were
+    sent already); failed workers are replaced and their calls re-issued until every call succeeded (or
+    the restart budget is spent)."""
+    results = {}
+    calls, sent_to = (first.calls, first.sent_to) if first else (None, None)
     while True:
-        calls = actors.workers.submit_each(method, todo)
+        if calls is None:
+            todo = [a if i not in results else None for i, a in enumerate(args)]
+            calls, sent_to = actors.workers.submit_each(method, todo), list(actors.workers.actors)
         results.update(zip(calls.indices, calls.settle(doing, timeout_s)))
         failed = _failed_workers(results)
         if not failed:
             return results
-        replace_workers(actors, failed)
-        todo = [args[i] if i in failed else None for i in range(len(args))]
+        # A worker replaced since the call was sent (in a weight sync) is new and healthy: only re-issue.
+        replace_workers(actors, {i: f for i, f in failed.items() if actors.workers.actors[i] is sent_to[i]})
+        for i in failed:
+            del results[i]
+        calls = None
 
 
-def sync_with_recovery(actors: Actors, version: int) -> None:
+def sync_with_recovery(actors: Actors, version: int, timeout: float) -> None:
     """Send update `version` to every engine. Workers that fail it are replaced, and the update is sent
     to all again (the re-formed group needs every member in the broadcast)."""
-    timeout = rollout_timeout(actors.cfg, 0)
     while True:
         calls = actors.learners.submit("push_weights", version)
         calls += actors.workers.submit("receive_weights", version, actors.update_meta)
@@ -287,6 +325,8 @@ def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weight
     """Kill each failed worker's process tree, start a new one in the same bundle, re-form the group,
     then (unless the caller sends the update itself) push the current weights to every worker."""
     cfg = actors.cfg
+    if not failed:
+        return
     for index, failure in sorted(failed.items()):
         actors.restarts += 1
         if actors.restarts > cfg.cluster.max_worker_restarts:

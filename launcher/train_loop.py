@@ -14,6 +14,7 @@ from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
 from launcher.metrics import MetricsSink, read_rows
+from launcher.overlap import RolloutQueue
 from launcher.report import load_evaluations
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,17 @@ class Run:
     history: list = dataclasses.field(default_factory=list)
     evals: dict = dataclasses.field(default_factory=dict)
     last_checkpoint: Optional[Path] = None
+    rollouts: RolloutQueue = dataclasses.field(init=False)  # batches sent ahead of training (launcher/overlap.py)
+    started: float = 0.0  # perf_counter when this process's GRPO steps began
+
+    def __post_init__(self):
+        self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)
 
     def loop(self) -> dict:
         cfg = self.cfg
         if self.step == 0 and self.eval_sets and (cfg.train.eval_at_end or cfg.train.eval_every):
             self.evals[0] = self._evaluate(step=0)
+        self.started = time.perf_counter()
         while self.step < cfg.train.steps:
             self.step += 1
             self._one_step()
@@ -109,15 +116,17 @@ class Run:
                 self.checkpoint()
             if stops.requested():
                 stops.check(str(self.checkpoint()))
+        steps_s = time.perf_counter() - self.started
         last = cfg.train.steps
         if self.eval_sets and cfg.train.eval_at_end and last not in self.evals:
             self.evals[last] = self._evaluate(last)
-        return _summarize(self.history, self.evals)
+        return {**_summarize(self.history, self.evals), "time/grpo_s": steps_s}
 
     def _one_step(self) -> None:
         cfg, step = self.cfg, self.step
-        row, batch, records = _step(cfg, self.actors, self.sampler, step, self.version)
+        row, batch, records = _step(cfg, self.actors, self.rollouts, step, self.version)
         self.version = row["weight_version"]
+        row["time/elapsed_s"] = time.perf_counter() - self.started
         self.history.append(row)
         self.sink.log_step(row)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
@@ -136,7 +145,7 @@ class Run:
         t0 = time.perf_counter()
         tmp = checkpoints.begin(self.run_dir, self.step)
         driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
-        state = {"step": self.step, "weight_version": self.version, "sampler": self.sampler.state(),
+        state = {"step": self.step, "weight_version": self.version, "sampler": self.rollouts.sampler_state(),
                  "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path}
         self.last_checkpoint = checkpoints.commit(self.run_dir, tmp, state, to_yaml(self.cfg),
                                                   self.cfg.train.keep_checkpoints)
@@ -149,7 +158,7 @@ class Run:
         the loop's records of the steps already done."""
         driver.load_learner_state(self.actors, checkpoint / checkpoints.LEARNER_DIR)
         self.step, self.version = int(state["step"]), int(state["weight_version"])
-        self.sampler.restore(state["sampler"])
+        self.rollouts.restore(state["sampler"], self.step)
         driver.sync_weights(self.actors, self.version)
         rows = read_rows(self.run_dir / "metrics.jsonl")
         self.history = [r for r in rows if "reward/total" in r and r["step"] <= self.step]
@@ -180,23 +189,28 @@ def evaluate_and_log(cfg: Config, actors: driver.Actors, sink: MetricsSink, eval
     return results
 
 
-def _step(cfg: Config, actors: driver.Actors, sampler: PromptSampler, step: int, version: int):
+def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int, version: int):
+    """Train on step `step`'s batch and publish the weights; with train.max_staleness >= 1 the next
+    batches are sampled meanwhile (launcher/overlap.py)."""
     t0 = time.perf_counter()
-    records = sampler.draw(cfg.rollout.prompts_per_step)
     restarts = actors.restarts
-    batch = driver.generate(actors, records, seed=cfg.train.seed * 100_003 + step * 1009)
+    rollouts.send_ahead(actors, step)
+    batch, records = rollouts.take(actors, step)
+    staleness = version - batch.weight_version  # weight versions published between sampling and training
     t1 = time.perf_counter()
     stats = driver.train(actors, batch, records)
     t2 = time.perf_counter()
+    sent = 0
     if step % cfg.learner.sync_every == 0:
         version += 1
-        driver.sync_weights(actors, version)
+        sent = driver.sync_weights(actors, version, queued_prompts=rollouts.queued_prompts())
     t3 = time.perf_counter()
     tokens = sum(len(c) for c in batch.completion_token_ids)
     row = {"step": step, **driver.rollout_metrics(batch), **stats, "weight_version": version,
-           "rollout_weight_version": batch.weight_version, "faults/worker_restarts": actors.restarts - restarts,
-           "time/generate_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
-           "throughput/tokens_per_s": tokens / (t3 - t0)}
+           "rollout_weight_version": batch.weight_version, "staleness/mean": staleness, "staleness/max": staleness,
+           "faults/worker_restarts": actors.restarts - restarts, "sync/bytes": sent,
+           "time/generate_s": t1 - t0, "time/rollout_s": batch.generate_s, "time/train_s": t2 - t1,
+           "time/sync_s": t3 - t2, "time/step_s": t3 - t0, "throughput/tokens_per_s": tokens / (t3 - t0)}
     return row, batch, records
 
 
@@ -207,6 +221,9 @@ def _summarize(history: list[dict], evals: dict) -> dict:
     for key in ("reward/accuracy", "reward/format", "reward/total"):
         out[f"first{window}/{key}"] = mean(history[:window], key)
         out[f"last{window}/{key}"] = mean(history[-window:], key)
+    lags = [r["staleness/max"] for r in history if "staleness/max" in r]
+    if lags:
+        out["staleness/mean"], out["staleness/max"] = sum(lags) / len(lags), max(lags)
     if evals:
         first, last = min(evals), max(evals)
         out["eval/base"] = {name: r["accuracy"] for name, r in evals[first].items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, TYPE_CHECKING
+from typing import Iterator, Optional, TYPE_CHECKING
 
 import torch
 
@@ -20,6 +20,7 @@ from learner.sft import sft_micro_batches, sft_step
 from learner.train_step import StepPlan, completion_logprobs_of, run_train_step
 from protocol.profile import check_torch_for
 from protocol.batch import RolloutBatch
+from protocol.cpu_share import pin_this_process
 from medvqa.record import MedVQARecord
 
 if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
@@ -66,11 +67,13 @@ _STATE_TAG = "deepspeed"
 
 
 class LearnerRank:
-    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int,
+                 cpu_slot: Optional[int] = None):
         import deepspeed
         from medvqa.prompt import load_processor
 
         check_torch_for(cfg.cluster.device, f"learner rank {rank}", need_gpu=True)
+        self.cores = pin_this_process(cpu_slot, int(cfg.cluster.cpus_per_actor))
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.backend = _init_process_group(cfg, rank, world_size, master_addr, master_port)
@@ -139,8 +142,10 @@ class LearnerRank:
         chunks = [list(range(s, min(s + size, batch.num_samples))) for s in range(0, batch.num_samples, size)]
         micro = [collate_samples(prompts, [i // g for i in idx], [batch.completion_token_ids[i] for i in idx],
                                  pad, prompt_keys=range(len(prompts))) for idx in chunks]
+        # Recomputed activations drop the prompt's cache, which the shared pass continues from.
         return StepPlan(batch=batch, prompts=prompts, micro_batches=micro, sample_indices=chunks,
-                        device=self.device, freeze_vision=self.cfg.model.freeze_vision)
+                        device=self.device, freeze_vision=self.cfg.model.freeze_vision,
+                        share_prompts=not self.cfg.learner.gradient_checkpointing)
 
     def train_sft(self, records: list[MedVQARecord], target: str) -> dict[str, float]:
         """One supervised optimiser step on this rank's records (see learner/sft.py); every rank
@@ -164,9 +169,10 @@ class LearnerRank:
     # ---- weights out ------------------------------------------------------------------------------
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF checkpoint name, whole tensor) per parameter; under ZeRO-3 all ranks must iterate it
+        """(HF checkpoint name, whole tensor) per parameter that trains: a frozen one (model.freeze_vision)
+        never changes, so the engines keep the copy they loaded. Under ZeRO-3 all ranks must iterate it
         together, and a tensor is valid only until the next one is asked for."""
-        return zero_params.full_named_parameters(self.hf_model, self.param_names)
+        return zero_params.full_named_parameters(self.hf_model, self.param_names, trainable_only=True)
 
     def weights_checksum(self) -> float:
         """A fingerprint of the weights (a collective under ZeRO-3); it moves with any update."""
@@ -227,8 +233,8 @@ class LearnerRank:
 
     def weight_update_meta(self) -> dict:
         """The description of what `push_weights` sends (HF checkpoint names, dtypes, full shapes, in
-        order) in its wire form, the plain dict every receiver is handed unchanged. Read from the
-        parameters' descriptions, no gather needed."""
+        order, of the parameters that train) in its wire form, the plain dict every receiver is handed
+        unchanged. Read from the parameters' descriptions, no gather needed."""
         return self._meta().to_dict()
 
     def _meta(self):
@@ -237,6 +243,8 @@ class LearnerRank:
         if self._update_meta is None:
             names, dtypes, shapes = [], [], []
             for name, p in self.hf_model.named_parameters():
+                if not p.requires_grad:
+                    continue
                 names.append(self.param_names[name])
                 dtypes.append(dtype_name(p.dtype))
                 shapes.append(tuple(p.ds_shape) if zero_params.is_partitioned(p) else tuple(p.shape))

@@ -8,8 +8,13 @@ leak into the loss as inf * 0 = nan.
 The objective per completion token, with A the group advantage of its sequence:
     ratio = exp(logprob - old_logprob)
     pg    = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+    w     = min(exp(old_logprob - sampling_logprob), tis_cap)   (truncated importance weight, no gradient)
     kl    = exp(ref - logprob) - (ref - logprob) - 1           (k3, always >= 0)
-    loss  = aggregate(pg + beta * kl)
+    loss  = aggregate(w * pg + beta * kl)
+`old_logprob` is the learner's policy at the start of the step; `sampling_logprob` is what the rollout
+engine reported for the token it drew, from the weights it held then (older ones when generation runs
+ahead of training) and with its own kernels. w corrects the policy gradient for that gap (truncated
+importance sampling, as OpenRLHF and TRL apply it); tis_cap = 0 leaves it out (w = 1).
 """
 from __future__ import annotations
 
@@ -106,6 +111,21 @@ def clipped_surrogate(
     return -torch.where(clipped_mask, clipped, unclipped), clipped_mask
 
 
+def truncated_is_weights(old_logprobs: Tensor, sampling_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """min(pi_old / pi_sample, cap) per token, and where the cap binds; both [B, T], no gradient.
+
+    The weight only rescales a token's policy gradient; it is not optimised through. Weights below
+    1 are kept as they are; a token the learner's policy now favours far more than the sampler did
+    would get a large weight, and the cap bounds the variance it adds.
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be positive, got {cap}")
+    log_w = (old_logprobs.detach() - sampling_logprobs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    weights = torch.exp(log_w)
+    truncated = weights > cap
+    return torch.where(truncated, torch.full_like(weights, cap), weights), truncated
+
+
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(pi || ref): exp(d) - d - 1 with d = ref - logprob (>= 0)."""
     d = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
@@ -150,22 +170,40 @@ def grpo_loss(
     clip_high: float,
     loss_agg: str,
     max_len: Optional[int] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    tis_cap: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss (a scalar to backpropagate) and detached statistics as python floats.
 
-    `old_logprobs=None` means on-policy (the samples came from these very weights): the ratio
-    is exactly 1 and only its gradient matters. With beta == 0 or no reference the KL term is
-    not computed and `kl` is reported as 0.0.
+    `old_logprobs=None` means the learner's policy at the start of the step is these very weights
+    (one pass per batch): the ratio is exactly 1 and only its gradient matters. With
+    `sampling_logprobs` and `tis_cap > 0` each token's policy loss is weighted by
+    `truncated_is_weights(old, sampling_logprobs, tis_cap)`; otherwise by 1. With beta == 0 or no
+    reference the KL term is not computed and `kl` is reported as 0.0.
     """
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     pg, clipped = clipped_surrogate(logprobs, old, advantages, clip_low, clip_high)
-    per_token = pg
+    tis = None
+    if sampling_logprobs is not None and tis_cap > 0:
+        tis = truncated_is_weights(old, sampling_logprobs, tis_cap)
+    per_token = pg if tis is None else tis[0] * pg
     kl = None
     if beta != 0 and ref_logprobs is not None:
         kl = k3_kl(logprobs, ref_logprobs)
-        per_token = pg + beta * kl
+        per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, mask, loss_agg, max_len)
-    return loss, _loss_stats(loss, pg, kl, clipped, logprobs, old, advantages, mask, loss_agg, max_len)
+    stats = _loss_stats(loss, pg, kl, clipped, logprobs, old, advantages, mask, loss_agg, max_len)
+    stats.update(_tis_stats(tis, mask))
+    return loss, stats
+
+
+@torch.no_grad()
+def _tis_stats(tis: Optional[tuple[Tensor, Tensor]], mask: Tensor) -> dict[str, float]:
+    if tis is None:
+        return {"tis/weight_mean": 1.0, "tis/clipped_fraction": 0.0}
+    weights, truncated = tis
+    return {"tis/weight_mean": float(masked_mean(weights, mask)),
+            "tis/clipped_fraction": float(masked_mean(truncated.float(), mask))}
 
 
 @torch.no_grad()
@@ -176,7 +214,7 @@ def _loss_stats(loss, pg, kl, clipped, logprobs, old, advantages, mask, loss_agg
     has_tokens = bool(m.any())
     return {
         "loss": float(loss),
-        "pg_loss": float(aggregate_loss(pg, m, loss_agg, max_len)),
+        "pg_loss": float(aggregate_loss(pg, m, loss_agg, max_len)),  # before the importance weights
         "kl": float(masked_mean(kl, m)) if kl is not None else 0.0,
         "clip_fraction": float(masked_mean(clipped.float(), m)),
         # Which side clips tells whether clip_low or clip_high (DAPO's clip-higher) binds.

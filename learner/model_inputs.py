@@ -46,6 +46,7 @@ class SampleBatch:
     sample_prompt: torch.Tensor  # (B,) long, index into the distinct prompts
     prompt_keys: list[int]  # caller's key of each distinct prompt (to look up cached image features)
     min_prompt_len: int  # shortest prompt: logits before it can never score a completion token
+    prompt_lens: torch.Tensor  # (B,) long, each sample's prompt length
 
     @property
     def sample_grid_thw(self) -> torch.Tensor:
@@ -130,4 +131,5 @@ def collate_samples(prompts: Sequence[EncodedPrompt], sample_prompt: Sequence[in
         sample_prompt=torch.tensor([local[p] for p in sample_prompt], dtype=torch.long),
         prompt_keys=[keys[p] for p in distinct],
         min_prompt_len=min(len(prompts[p].input_ids) for p in sample_prompt),
+        prompt_lens=torch.tensor([len(prompts[p].input_ids) for p in sample_prompt], dtype=torch.long),
     )

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed
     from launcher.config import Config
 
 # grpo_loss statistics averaged over tokens into the step's metrics.
-_TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean")
+_TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean",
+                "tis/weight_mean", "tis/clipped_fraction")
 
 
 @dataclasses.dataclass
@@ -33,6 +34,7 @@ class StepPlan:
     sample_indices: list[list[int]]  # the shard's sample indices of each micro-batch
     device: torch.device
     freeze_vision: bool
+    share_prompts: bool = False  # one language-model pass per distinct prompt (learner/shared_prompt.py)
 
 
 def _temperature(cfg: Config) -> float:
@@ -41,9 +43,9 @@ def _temperature(cfg: Config) -> float:
     return t if t > 0 else 1.0
 
 
-def _forward_logprobs(module, batch: SampleBatch, feats, device, temperature, with_entropy=False):
+def _forward_logprobs(module, batch: SampleBatch, feats, device, temperature, with_entropy=False, share=False):
     """Log-probs [B, T] of the tokens from position min_prompt_len on (and entropy if asked)."""
-    logits = module(**batch_kwargs(batch, feats, device))[:, :-1]
+    logits = module(**batch_kwargs(batch, feats, device, share_prompts=share))[:, :-1]
     targets, _ = batch.completion_targets()
     logprobs = token_logprobs(logits, targets.to(device), temperature)
     entropy = None
@@ -78,8 +80,8 @@ def _micro_feats(feats: Optional[list[torch.Tensor]], batch: SampleBatch):
 
 @torch.no_grad()
 def _all_logprobs(module, plan: StepPlan, feats, temperature) -> list[torch.Tensor]:
-    return [_forward_logprobs(module, mb, _micro_feats(feats, mb), plan.device, temperature)[0]
-            for mb in plan.micro_batches]
+    return [_forward_logprobs(module, mb, _micro_feats(feats, mb), plan.device, temperature,
+                              share=plan.share_prompts)[0] for mb in plan.micro_batches]
 
 
 def reduce_over_ranks(values: list[float], world_size: int, device, op=dist.ReduceOp.SUM) -> list[float]:
@@ -188,12 +190,14 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
         for m, mb in enumerate(plan.micro_batches):
             engine.set_gradient_accumulation_boundary(m == last)
             logprobs, entropy = _forward_logprobs(engine, mb, _micro_feats(inputs.feats, mb), plan.device,
-                                                  inputs.temperature, with_entropy=True)
+                                                  inputs.temperature, with_entropy=True, share=plan.share_prompts)
             mask = mb.completion_targets()[1].to(plan.device)
+            sampling = _sampling_logprobs(plan, m, logprobs.detach()) if g.tis_cap > 0 else None
             loss, stats = grpo_loss(
                 logprobs, None if inputs.old is None else inputs.old[m],
                 None if inputs.ref is None else inputs.ref[m], inputs.advantages[plan.sample_indices[m]].to(plan.device),
-                mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens)
+                mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens,
+                sampling_logprobs=sampling, tis_cap=g.tis_cap)
             engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
             seen.append(logprobs.detach())
             sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share

@@ -44,12 +44,16 @@ def checkpoint_names(hf_model: nn.Module) -> dict[str, str]:
     return out
 
 
-def full_named_parameters(hf_model: nn.Module, names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, whole tensor) per parameter, gathered one at a time to bound memory.
+def full_named_parameters(hf_model: nn.Module, names: dict[str, str],
+                          trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, whole tensor) per parameter (only those that train, if asked), gathered
+    one at a time to bound memory.
 
     The yielded tensor is valid only until the next item is asked for (it is released after).
     """
     for name, param in hf_model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         with gathered([param]):
             yield names[name], param.data
 

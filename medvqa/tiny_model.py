@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from medvqa.prompt import INSTRUCTION
 from medvqa.synthetic import COUNT_VALUES, GRID3, HALVES, QUADRANTS, QUESTION_TYPES, question_for
@@ -115,20 +116,32 @@ def train_tokenizer(vocab_size: int = 1024):
     return tok
 
 
-def tiny_config(tokenizer):
-    """A Qwen2VLConfig of a few MB: vLLM's CPU attention needs head_dim 64 (hidden 128 over 2 heads)."""
+# vLLM's CPU attention kernels need head_dim 64 (16 is rejected): the text model has hidden / 64 heads.
+HEAD_DIM = 64
+
+
+def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, intermediate: Optional[int] = None):
+    """A Qwen2VLConfig of a few MB by default (hidden 128, 2 layers, so 2 heads; MLP of twice the hidden
+    size unless `intermediate` says otherwise); larger sizes are for benchmarks. The vision tower stays
+    tiny; its merger projects into `hidden`."""
     from transformers import Qwen2VLConfig
 
+    if hidden < HEAD_DIM or hidden % HEAD_DIM:
+        raise ValueError(f"hidden size {hidden} must be a positive multiple of {HEAD_DIM} (the CPU attention head size)")
+    if layers < 1:
+        raise ValueError(f"the model needs at least one layer, got {layers}")
+    heads = hidden // HEAD_DIM
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
         # M-RoPE splits head_dim/2 = 32 rotary frequencies over (time, height, width).
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         use_sliding_window=False, dtype="float32",
     )
-    vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, in_channels=3,
+    vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2, in_channels=3,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -147,10 +160,12 @@ def tiny_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 512 *
                             chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(out_dir: str, seed: int = 0) -> str:
-    """Write a random tiny Qwen2-VL checkpoint (safetensors, processor, tokenizer) to `out_dir`.
+def build_tiny_model(out_dir: str, seed: int = 0, hidden: int = 128, layers: int = 2,
+                     intermediate: Optional[int] = None) -> str:
+    """Write a random tiny Qwen2-VL checkpoint (safetensors, processor, tokenizer) to `out_dir`
+    (its text model sized by `hidden`, `layers` and `intermediate`, see `tiny_config`).
 
-    The same seed gives byte-identical weights; the tokenizer is the same for every seed.
+    The same seed gives byte-identical weights; the tokenizer is the same for every seed and size.
     Returns `out_dir`.
     """
     import torch
@@ -159,7 +174,7 @@ def build_tiny_model(out_dir: str, seed: int = 0) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, hidden, layers, intermediate)
     # A private generator leaves the caller's global RNG streams untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

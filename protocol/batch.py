@@ -21,6 +21,7 @@ class RolloutBatch:
     total_rewards: list[float]  # per sample, the weighted sum that drives the advantages
     finish_reasons: list[str]  # per sample: "stop" (closed by EOS/stop) or "length" (truncated)
     weight_version: int  # version of the policy weights that generated every sample
+    generate_s: float = 0.0  # seconds the engine spent sampling and scoring (joined shards: the slowest)
 
     def __post_init__(self):
         n = len(self.record_ids) * self.group_size
@@ -77,7 +78,7 @@ class RolloutBatch:
             completion_texts=cat("completion_texts"), sampling_logprobs=cat("sampling_logprobs"),
             rewards={k: [x for b in batches for x in b.rewards[k]] for k in first.rewards},
             total_rewards=cat("total_rewards"), finish_reasons=cat("finish_reasons"),
-            weight_version=first.weight_version,
+            weight_version=first.weight_version, generate_s=max(b.generate_s for b in batches),
         )
 
     def select_prompts(self, prompts: list[int]) -> "RolloutBatch":
@@ -93,5 +94,5 @@ class RolloutBatch:
             sampling_logprobs=pick(self.sampling_logprobs, samples),
             rewards={k: pick(v, samples) for k, v in self.rewards.items()},
             total_rewards=pick(self.total_rewards, samples), finish_reasons=pick(self.finish_reasons, samples),
-            weight_version=self.weight_version,
+            weight_version=self.weight_version, generate_s=self.generate_s,
         )

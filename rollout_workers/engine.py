@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import pickle
 import threading
-from typing import Sequence, TYPE_CHECKING
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 
@@ -89,10 +90,19 @@ def check_plugin(backend: str) -> None:
                            "weight-transfer engine")
 
 
-def set_engine_env(cfg: Config) -> None:
-    """Environment the engine's processes read at start-up (they inherit this process's)."""
+def set_engine_env(cfg: Config, cores: Optional[list[int]] = None) -> None:
+    """Environment the engine's processes read at start-up (they inherit this process's); `cores`: the
+    cores this actor is pinned to, which the CPU model runner binds its threads to."""
     if cfg.cluster.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gib)
+        if cores:
+            # One list per engine process (tensor-parallel rank), separated by "|".
+            tp = cfg.rollout.tensor_parallel_size
+            parts = [cores[i::tp] or cores for i in range(tp)]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, p)) for p in parts)
+    if cfg.rollout.engine_in_process:
+        # The engine core and the model then run in this process: a dead engine is a dead actor.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # The processor cache and tokenizers are touched from vLLM's threads; their pools would
     # oversubscribe the few cores a CPU actor gets.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,6 +137,15 @@ def check_nccl(who: str) -> None:
     except Exception as exc:
         raise WeightSyncError(f"{who}: NCCL weight sync would be disabled ({nccl_disabled_reason()}): "
                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def quiet_in_process_engine(cfg: Config) -> None:
+    """vLLM's CPU worker replaces torch.set_num_threads with a stub that warns on every call, and its
+    request renderer calls it twice per image prompt: with the engine in this process that is two log
+    lines per prompt. The thread count is this actor's already (one per pinned core), so drop them."""
+    if cfg.rollout.engine_in_process and cfg.cluster.device == "cpu":
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "torch.set_num_threads" not in record.getMessage())
 
 
 def image_prompt(record: MedVQARecord, processor) -> dict:

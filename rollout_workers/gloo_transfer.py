@@ -4,8 +4,10 @@ It mirrors vLLM's built-in `nccl` engine (vllm/distributed/weight_transfer/nccl_
 learner is rank 0 of a process group of its own, every vLLM worker process joins at
 `rank_offset + its rank`, and each update is a series of broadcasts from rank 0. The received
 tensors go through vLLM's layerwise reload (`initialize_layerwise_reload` in
-`start_weight_update`, `finalize_layerwise_reload` in `finish_weight_update`): on CPU vLLM
-repacks linear weights after loading, so feeding `model.load_weights` directly fails.
+`update_weights`, `finalize_layerwise_reload` in `finish_weight_update`): on CPU vLLM
+repacks linear weights after loading, so feeding `model.load_weights` directly fails. An update may
+carry only part of the model (a frozen vision tower is not sent): the reload is then set up only on
+the model's top-level parts that the update names, and the rest keeps its weights untouched.
 
 vLLM creates the engine inside its own worker processes by name; `rollout_workers.vllm_plugin`
 registers it there.
@@ -51,6 +53,19 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
                                                    "shapes": self.shapes})
 
 
+def reload_roots(model, names) -> list:
+    """The model's top-level parts that the checkpoint names reach (through the model's own name
+    mapping), or [model] when a name maps outside them. A part left out keeps its weights: vLLM's
+    reload would otherwise put each of its layers back with a "Failed to load weights" warning."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    mapped = mapper.apply_list(list(names)) if mapper is not None else list(names)
+    children = {n: c for n, c in model.named_children() if any(True for _ in c.parameters())}
+    roots = {name.split(".", 1)[0] for name in mapped}
+    if not roots or not roots <= children.keys() or roots == children.keys():
+        return [model]
+    return [children[r] for r in sorted(roots)]
+
+
 def worker_group_rank(parallel_config, rank_offset: int) -> int:
     """This worker process's rank in the sync group; the same rule as vLLM's NCCL engine."""
     per_replica = parallel_config.world_size  # tensor x pipeline parallel
@@ -65,6 +80,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
         self.group: wu.GlooGroup | None = None
+        self._reloading: list | None = None  # the modules of the update in progress
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         self.shutdown()  # a re-formed group replaces the old one
@@ -74,19 +90,27 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         logger.info("gloo weight transfer: joined as rank %d of %d", rank, init_info.world_size)
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        initialize_layerwise_reload(self.model)
+        # Which modules reload is known once the update's names arrive, in update_weights.
+        self._reloading = None
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model, self.model_config)
+        for module in self._reloading or ():
+            finalize_layerwise_reload(module, self.model_config)
+        self._reloading = None
 
     def update_weights(self, update_info: dict) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        info = self.parse_update_info(update_info)
+        if self._reloading is None:
+            self._reloading = reload_roots(self.model, info.meta.names)
+            for module in self._reloading:
+                initialize_layerwise_reload(module)
         # The base class ends with torch.accelerator.synchronize(), which raises on CPU;
         # gloo broadcasts here are blocking, so nothing is left to wait for.
-        self.receive_weights(self.parse_update_info(update_info))
+        self.receive_weights(info)
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
         if self.group is None:

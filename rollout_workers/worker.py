@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import rewards
 from protocol.batch import RolloutBatch
+from protocol.cpu_share import pin_this_process
 from medvqa.prompt import load_processor, render_prompt
 from medvqa.record import MedVQARecord, RecordError
 from protocol.ipc_channel import PairChannel
@@ -34,9 +35,12 @@ class RolloutWorkerError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
+    def __init__(self, cfg: Config, model_path: str, worker_index: int = 0, cpu_slot: Optional[int] = None):
         check_torch_for(cfg.cluster.device, f"rollout worker {worker_index}", need_gpu=True)
         self.cfg, self.index, self.model_path = cfg, worker_index, model_path
+        # Before the engine starts: its processes inherit the binding, and its model runner binds its
+        # threads to the same cores (instead of vLLM's own choice, which ignores the other actors).
+        self.cores = pin_this_process(cpu_slot, int(cfg.cluster.cpus_per_actor))
         self.backend = eng.sync_backend(cfg)
         self._version = 0
         self._joined = False
@@ -47,23 +51,27 @@ class RolloutWorker:
         rewards.check_weights(cfg.rewards.weights)  # an unknown reward fails here, not at step 1
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
         self._guard("start-up", lambda: eng.check_plugin(self.backend))
-        eng.set_engine_env(cfg)
+        eng.set_engine_env(cfg, self.cores)
         start = time.perf_counter()
         self.llm = self._guard("start-up", lambda: _new_llm(eng.engine_kwargs(cfg, model_path, worker_index)))
         eng.watch_engine(self.llm)
+        eng.quiet_in_process_engine(cfg)
         log.info("rollout worker %d: engine up in %.1f s (%s, weight sync over %s)", worker_index,
                  time.perf_counter() - start, eng.engine_dtype(cfg), self.backend)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, records: Sequence[MedVQARecord], seed: int) -> RolloutBatch:
         """G = rollout.group_size scored samples per record, laid out group by group."""
+        start = time.perf_counter()
         records = list(records)
         self._wake(self._asleep)
         prompts = [eng.image_prompt(r, self.processor) for r in records]
         params = [eng.sampling_params(self.cfg.rollout, s) for s in eng.request_seeds(seed, len(records))]
         outs = self._run(f"generate on records {_ids(records)}",
                          lambda: self.llm.generate(prompts, params, use_tqdm=False))
-        return self._to_batch(records, outs)
+        batch = self._to_batch(records, outs)
+        batch.generate_s = time.perf_counter() - start
+        return batch
 
     def _to_batch(self, records: list[MedVQARecord], outs) -> RolloutBatch:
         g, weights = self.cfg.rollout.group_size, self.cfg.rewards.weights

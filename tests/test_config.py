@@ -46,6 +46,8 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     ("rollout.top_p=0", "rollout.top_p"),
     ("rollout.group_size=abc", "rollout.group_size"),
     ("data.source=dicom", "data.source"),
+    ("train.max_staleness=-1", "train.max_staleness"),
+    ("grpo.tis_cap=0.5", "grpo.tis_cap"),
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -31,8 +31,10 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    # The engine in vLLM's own processes (EngineCore), which are what these faults hit.
     cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", f"logging.run_dir={run_dir}",
-           f"model.path={run_dir.parent / 'tiny-qwen2-vl'}", *SHORT_RUN, "cluster.cpus_per_actor=0.5", *extra]
+           f"model.path={run_dir.parent / 'tiny-qwen2-vl'}", *SHORT_RUN, "cluster.cpus_per_actor=0.5",
+           "rollout.engine_in_process=false", *extra]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 

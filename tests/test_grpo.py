@@ -12,6 +12,7 @@ from learner.grpo import (
     grpo_loss,
     k3_kl,
     token_logprobs,
+    truncated_is_weights,
 )
 
 EPS = 1e-4
@@ -257,3 +258,72 @@ def test_gradient_is_the_policy_gradient_at_ratio_one(mode):
     closed = -(weights * adv[:, None])[..., None] * (onehot - torch.softmax(logits.detach(), -1))
     assert torch.allclose(grad, closed, atol=1e-12, rtol=0)
     assert torch.equal(grad[2, 1:], torch.zeros(T - 1, V, dtype=torch.float64))  # padding: no gradient
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+def test_truncated_is_weights_hand_computed():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
+    sampled = torch.log(torch.tensor([[0.5, 0.4, 0.3, 0.05]]))
+    # ratios pi_old / pi_sample: 1, 0.5, 3, 6 -> cap 2: 1, 0.5, 2, 2 (the last two truncated)
+    weights, truncated = truncated_is_weights(old, sampled, cap=2.0)
+    assert close(weights, [[1.0, 0.5, 2.0, 2.0]], tol=1e-6)
+    assert truncated.tolist() == [[False, False, True, True]]
+    weights, truncated = truncated_is_weights(old, sampled, cap=4.0)
+    assert close(weights, [[1.0, 0.5, 3.0, 4.0]], tol=1e-6) and truncated.tolist() == [[False, False, False, True]]
+    with pytest.raises(ValueError, match="cap must be positive"):
+        truncated_is_weights(old, sampled, cap=0.0)
+
+
+def test_truncated_is_weights_carry_no_gradient():
+    old = torch.log(torch.tensor([[0.6, 0.2]])).requires_grad_()
+    weights, _ = truncated_is_weights(old, torch.log(torch.tensor([[0.3, 0.4]])), 2.0)
+    assert not weights.requires_grad
+
+
+def test_grpo_loss_with_importance_weights_hand_computed():
+    lp, old, ref, adv, mask = _example()
+    # policy at the step's start: 1/3, 0.25 | 0.6; sampler: 1/8, 0.5 | 0.4 (padding: anything)
+    sampled = torch.log(torch.tensor([[1 / 8, 0.5], [0.4, 1e-9]]))
+    # weights min(pi_old / pi_sample, 2): 8/3 truncated to 2, 0.5 | 1.5
+    # pg per token as in test_grpo_loss_hand_computed: -1.2, -1.0 | 0.8
+    loss, stats = grpo_loss(lp, old, None, adv, mask, 0.0, 0.2, 0.2, "token_mean", sampling_logprobs=sampled,
+                            tis_cap=2.0)
+    assert close(loss, (2 * -1.2 + 0.5 * -1.0 + 1.5 * 0.8) / 3, tol=1e-6)  # -0.5667
+    assert close(stats["tis/weight_mean"], (2 + 0.5 + 1.5) / 3, tol=1e-6)
+    assert close(stats["tis/clipped_fraction"], 1 / 3)
+    assert close(stats["pg_loss"], -1.4 / 3, tol=1e-6)  # reported before the weights
+    # the KL term is not weighted: beta 0.1 adds 0.1 * 0.5 / 3 as before
+    with_kl, _ = grpo_loss(lp, old, ref, adv, mask, 0.1, 0.2, 0.2, "token_mean", sampling_logprobs=sampled,
+                           tis_cap=2.0)
+    assert close(with_kl, (2 * -1.2 + 0.5 * -1.0 + 1.5 * 0.8 + 0.05) / 3, tol=1e-6)
+    # cap 0 leaves the weights out
+    off, off_stats = grpo_loss(lp, old, None, adv, mask, 0.0, 0.2, 0.2, "token_mean", sampling_logprobs=sampled,
+                               tis_cap=0.0)
+    assert close(off, -1.4 / 3, tol=1e-6) and off_stats["tis/weight_mean"] == 1.0
+
+
+def test_importance_weights_scale_the_policy_gradient():
+    """On-policy (old = these weights), the gradient of token t is w_t times the plain policy gradient."""
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.8]])).requires_grad_()
+    sampled = torch.log(torch.tensor([[0.25, 0.5, 0.1]]))  # weights 2, 0.5, 8 -> capped at 2
+    adv, mask = torch.tensor([1.5]), torch.ones(1, 3)
+    loss, stats = grpo_loss(lp, None, None, adv, mask, 0.0, 0.2, 0.2, "token_mean", sampling_logprobs=sampled,
+                            tis_cap=2.0)
+    (grad,) = torch.autograd.grad(loss, lp)
+    # d(-ratio * A / 3) / d lp at ratio 1 = -A / 3 = -0.5 per token, times its weight
+    assert close(grad, [[-0.5 * 2, -0.5 * 0.5, -0.5 * 2]], tol=1e-6)
+    assert close(stats["tis/clipped_fraction"], 1 / 3)
+
+
+def test_matching_sampler_leaves_the_loss_unchanged():
+    """Engine and learner agreeing to float32 rounding (what max_staleness=0 gives): weights are 1 to
+    within 1e-6 and the loss moves by less than that."""
+    torch.manual_seed(3)
+    lp = torch.log_softmax(torch.randn(4, 6, 9), -1)[..., 0]
+    sampled = lp + torch.randn_like(lp) * 1e-7
+    adv, mask = torch.tensor([1.0, -0.5, 0.3, -2.0]), torch.ones(4, 6)
+    plain, _ = grpo_loss(lp, None, None, adv, mask, 0.0, 0.2, 0.2, "seq_mean_token_mean")
+    weighted, stats = grpo_loss(lp, None, None, adv, mask, 0.0, 0.2, 0.2, "seq_mean_token_mean",
+                                sampling_logprobs=sampled, tis_cap=2.0)
+    assert abs(stats["tis/weight_mean"] - 1.0) < 1e-6 and stats["tis/clipped_fraction"] == 0.0
+    assert abs(float(weighted - plain)) < 1e-6 * float(plain.abs()) + 1e-9

@@ -3,6 +3,7 @@
 All DeepSpeed ranks here are world size 1 on gloo and share the process's one torch.distributed
 group (initialised by the first rank). Two learner ranks over Ray are covered by the end-to-end tests.
 """
+import math
 import socket
 
 import pytest
@@ -35,9 +36,10 @@ def _free_port() -> int:
 
 
 def _cfg(model_dir, *overrides):
+    # The batches below carry placeholder engine log-probs (-1.0): no importance weights unless a test asks.
     return load_config(None, [f"model.path={model_dir}", "rollout.prompts_per_step=2", "rollout.group_size=4",
                               "rollout.max_new_tokens=32", "learner.micro_batch_size=3", "learner.lr=1e-3",
-                              "grpo.beta=0.04", "train.steps=10",
+                              "grpo.beta=0.04", "train.steps=10", "grpo.tis_cap=0",
                               # ZeRO-3 really splits the tiny model's parameters (see test_learner_ranks).
                               "learner.zero3_persistence_threshold=0", *overrides])
 
@@ -119,6 +121,32 @@ def test_policy_forward_matches_the_hf_forward(policy, records, processor):
     ref = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(comp).unsqueeze(-1)).squeeze(-1)
     ours = _policy_logprobs(policy, [enc], [0], [comp], processor.tokenizer.pad_token_id)[0]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_pass_gives_the_full_pass_logits_and_gradient(tiny_model_dir, records, processor):
+    """Two prompts of different lengths (4 and 9 image tokens), samples of both interleaved, completions of
+    different lengths: one pass per prompt plus one over the completions equals prompt + completion per
+    sample, in the logits of every completion token and in the gradient of a loss on them."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    prompts = encode_prompts(records, [_prompt_ids(r, processor) for r in records], processor)
+    comps = [_completion(processor, t) for t in (TEXTS[0], TEXTS[1], TEXTS[3], TEXTS[2], TEXTS[1])]
+    batch = collate_samples(prompts, [1, 0, 1, 1, 0], comps, processor.tokenizer.pad_token_id)
+    targets, mask = batch.completion_targets()
+    out = {}
+    for share in (False, True):
+        module = PolicyModule(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float64))
+        logits = module(**batch_kwargs(batch, None, "cpu", share_prompts=share))[:, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        (-(lp * mask.double() * torch.linspace(-1, 2, lp.shape[1], dtype=torch.float64)).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        out[share] = (lp[mask.bool()], grads)
+    assert out[True][0].shape == (sum(map(len, comps)),)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-10, rtol=0)
+    assert set(out[True][1]) == set(out[False][1]) and any(n.startswith("hf.model.visual") for n in out[True][1])
+    for name, g in out[False][1].items():
+        # float64 throughout, except the rotary embeddings, which round through float32
+        assert float((out[True][1][name] - g).abs().max()) <= 1e-6 * float(g.abs().max()), name
 
 
 def test_completion_holding_an_image_token_is_scored_as_text(policy, records, processor):
@@ -313,3 +341,28 @@ def test_two_passes_with_a_frozen_vision_tower(tiny_model_dir, port, records, pr
     assert abs(m["ratio_mean"] - 1.0) > 1e-4 and m["clip_fraction"] > 0  # the second pass is off-policy
     assert weights_checksum(hf.model.visual) == vision0
     assert weights_checksum(hf.model.language_model) != pytest.approx(text0, rel=1e-9)
+    # Weight sync sends what trains: the language model and head, not the frozen tower.
+    sent = [name for name, _ in rank.named_parameters_for_sync()]
+    assert rank.weight_update_meta()["names"] == sent
+    assert "lm_head.weight" in sent and not [n for n in sent if n.startswith("visual.")]
+    trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in hf.model.visual.parameters()) > 0 and trainable < sum(p.numel() for p in hf.parameters())
+    assert sum(math.prod(s) for s in rank.weight_update_meta()["shapes"]) == trainable
+
+
+def test_importance_weights_scale_the_step_gradient(tiny_model_dir, port, records, processor):
+    """Engine log-probs equal to the learner's: weights 1. The engine 4x less sure of every token: each
+    weight 4 truncated to 2, so the gradient doubles. 2x surer: weights 0.5, half the gradient."""
+    rank = _rank(tiny_model_dir, port, "learner.zero_stage=2", "grpo.tis_cap=2", "grpo.beta=0.0",
+                 "learner.grad_clip=0", "learner.lr=1e-12")  # the weights stay put between the three steps
+    own = _all_logprobs(rank, _batch(records, processor), records)
+    runs = {shift: rank.train_on(_batch(records, processor, [[x + shift for x in row] for row in own]), records)
+            for shift in (0.0, -math.log(4), math.log(2))}
+    same, less_sure, surer = runs[0.0], runs[-math.log(4)], runs[math.log(2)]
+    assert same["tis/weight_mean"] == pytest.approx(1.0, abs=1e-5) and same["tis/clipped_fraction"] == 0.0
+    assert less_sure["tis/weight_mean"] == pytest.approx(2.0, abs=1e-5) and less_sure["tis/clipped_fraction"] == 1.0
+    assert surer["tis/weight_mean"] == pytest.approx(0.5, abs=1e-5) and surer["tis/clipped_fraction"] == 0.0
+    assert same["grad_norm"] > 0.1
+    assert less_sure["grad_norm"] == pytest.approx(2 * same["grad_norm"], rel=1e-4)
+    assert surer["grad_norm"] == pytest.approx(0.5 * same["grad_norm"], rel=1e-4)
+    assert less_sure["loss"] == pytest.approx(2 * same["loss"], rel=1e-4, abs=1e-7)

@@ -109,3 +109,18 @@ def test_vllm_generates_and_prompt_ids_match_processor(tiny_model_dir):
         assert list(out.prompt_token_ids).count(image_pad) == 9  # 6x6 patches merged 2x2
         assert len(out.outputs[0].token_ids) >= 1
         assert all(0 <= t < len(processor.tokenizer) for t in out.outputs[0].token_ids)
+
+
+def test_size_options_build_a_larger_model_with_the_same_tokenizer(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from launcher.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--hidden", "192", "--layers", "3",
+                 "--intermediate", "500"]) == 0
+    text = json.loads((tmp_path / "m" / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (192, 3, 3)
+    assert text["intermediate_size"] == 500
+    assert _digest(tmp_path / "m" / "tokenizer.json") == _digest(Path(tiny_model_dir) / "tokenizer.json")
+    assert main(["make-tiny-model", str(tmp_path / "bad"), "--hidden", "100"]) == 2
+    assert "hidden size 100 must be a positive multiple of 64" in capsys.readouterr().err

@@ -141,16 +141,18 @@ def hf_completion_logprobs(model, processor, record, completion: list[int]) -> l
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
-def perturb_and_export(model, seed: int, out_dir: Path) -> list[tuple[str, torch.Tensor]]:
-    """Add seeded noise to every parameter; return the tensors under their checkpoint names."""
+def perturb_and_export(model, seed: int, out_dir: Path, skip: str = "\0") -> list[tuple[str, torch.Tensor]]:
+    """Add seeded noise to every parameter whose name lacks `skip`; return those tensors under their
+    checkpoint names."""
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for name, p in model.named_parameters():
+            if skip not in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.save_pretrained(out_dir)  # save_pretrained writes the names vLLM's loader reads
-    return list(load_file(str(out_dir / "model.safetensors")).items())
+    return [(n, t) for n, t in load_file(str(out_dir / "model.safetensors")).items() if skip not in n]
 
 
 def join(actors, backend: str = "gloo"):
@@ -269,8 +271,9 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, 
     assert ray.get([a.weight_version.remote() for a in ray_workers]) == [0, 0]
 
     sender = join(ray_workers)
-    for version in (1, 2):
-        named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}")
+    # v3 is what a frozen vision tower gives: only the language model's tensors travel, the tower stays.
+    for version, skip in ((1, "\0"), (2, "\0"), (3, "visual")):
+        named = perturb_and_export(model, seed=version, out_dir=tmp_path / f"v{version}", skip=skip)
         seconds = sync(ray_workers, sender, named, version)
         print(f"weight sync v{version} to {len(ray_workers)} engines: {len(named)} tensors, "
               f"{sum(t.numel() * t.element_size() for _, t in named) / 1e6:.1f} MB in {seconds:.2f} s")
@@ -282,8 +285,9 @@ def test_synced_weights_give_exactly_the_perturbed_models_logprobs(ray_workers, 
         assert ray.get([a.weight_version.remote() for a in ray_workers]) == [version, version]
         previous = current
 
+    assert 0 < len(named) < len(list(model.named_parameters()))
     batch = ray.get(ray_workers[1].generate.remote([record], 0))
-    assert batch.weight_version == 2 and batch.num_samples == 2
+    assert batch.weight_version == 3 and batch.num_samples == 2
     sender.close()
 
 
