@@ -1,4 +1,5 @@
 """Shared fixtures: everything a test needs is built here, offline."""
+import faulthandler
 import os
 
 import pytest
@@ -56,3 +57,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
     if config.getoption("--reverse-order"):
         items.reverse()
+
+
+# pytest-timeout interrupts a test with SIGALRM, which Python only acts on between bytecodes: a main thread
+# blocked inside C (a collective, a lock, a Ray call) never sees it and the suite stalls silently. A watchdog
+# thread outside the interpreter ends the session this long after the test's own limit, printing every
+# thread's stack, so a hang costs minutes and names itself.
+HARD_GRACE_S = 120
+
+
+def _terminal_fd(config) -> int:
+    """The terminal's stderr: pytest's faulthandler plugin keeps a copy made before output capture."""
+    from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+    return config.stash.get(fault_handler_stderr_fd_key, 2)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 0)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + HARD_GRACE_S, exit=True, file=_terminal_fd(item.config))
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
