@@ -75,7 +75,9 @@ def _cfg(model_dir, stage: int, agg: str):
         "learner.micro_batch_size=4", "learner.lr=1e-3", "cluster.cpus_per_actor=0.5", "train.steps=4",
         # The tiny model's parameters are all below DeepSpeed's default threshold, under which ZeRO-3
         # keeps them whole after their first use: 0 makes ZeRO-3 really split (and gather) every one.
-        "learner.zero3_persistence_threshold=0"])
+        "learner.zero3_persistence_threshold=0",
+        # The batch carries placeholder engine log-probs (-1.0): importance weights would scale the loss to ~0.
+        "grpo.tis_cap=0"])
 
 
 @pytest.fixture(scope="module")
