@@ -41,6 +41,15 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
                          WARMUP_PIXELS)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """A run logged to W&B inside this process leaves WANDB_SERVICE set, pointing at this process's wandb-core;
+    a `medvlm-r1` subprocess started later would attach to it and could find its own resumed run ID "in use"
+    by the process the test killed. Every command a test starts gets a W&B service of its own."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 # A slow test (engines, Ray, DeepSpeed ranks, Slurm) gets 900 s unless it sets its own limit: the global
 # 300 s of pyproject.toml is for the rest, and a module's first slow test also pays for its fixtures.
 SLOW_TIMEOUT_S = 900
