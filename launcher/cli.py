@@ -18,11 +18,13 @@ _PROJECT_PACKAGES = ("launcher", "learner", "medvqa", "protocol", "rewards", "ro
 
 
 def _cmd_train(args) -> int:
-    stops.install_handlers()  # the loop stops at a step boundary, after saving a checkpoint
+    # Start-up has nothing to save, so a signal stops it at once (Slurm's scancel gives KillWait, 30 s by
+    # default, before SIGKILL; the format warm-up and the engines' start take longer). Once the loop can
+    # checkpoint, run_training defers stops to the next step boundary.
+    stops.install_handlers(immediate=True)
     from launcher.train_loop import print_summary, run_training
 
     cfg = load_config(args.config, args.overrides)
-    stops.check()  # a signal during the imports: nothing is started yet
     result = run_training(cfg)
     print_summary(result)
     return 0

@@ -1,9 +1,10 @@
 """Stopping a run on a signal: SIGINT (Ctrl-C), SIGTERM (`kill`, Slurm's time limit or `scancel`) and
 SIGUSR1 (Slurm's warning before the time limit).
 
-The handler only records the request. The training loop stops at the next step boundary, after it
-saved a checkpoint, by raising `StopRequested`; during start-up `check()` does the same between
-phases. A second SIGINT or SIGTERM stops at once.
+During start-up (building the model, the format warm-up, starting engines) there is nothing to save, so
+`medvlm-r1 train` installs the handlers in immediate mode: the first signal stops the command at once. Once
+the loop can checkpoint, `defer()` switches to recording the request only: the loop stops at the next step
+boundary, after it saved a checkpoint, by raising `StopRequested`. A second SIGINT or SIGTERM stops at once.
 
 The immediate stop raises KeyboardInterrupt because it is the one exception that comes out of a
 blocking `ray.get`/`ray.wait` unchanged: any other exception raised by a signal handler there
@@ -77,6 +78,13 @@ def install_handlers(immediate: bool = False) -> None:
     for sig in _SIGNALS:
         previous = signal.signal(sig, _handle)
         _previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
+
+
+def defer() -> None:
+    """From now on the first signal is only recorded, for the loop to act on at its next step boundary
+    (after a checkpoint); a second SIGINT or SIGTERM still stops at once."""
+    global _immediate
+    _immediate = False
 
 
 def reinstall() -> None:

@@ -55,6 +55,8 @@ def run_training(cfg: Config) -> RunResult:
         run = Run(cfg, actors, sink, run_dir, PromptSampler(train_records, cfg.train.seed), eval_sets)
         if saved:
             run.restore(resume_from, saved)
+        stops.defer()  # the loop can checkpoint now: a signal stops it at the next step boundary
+        stops.check()  # one that arrived while start-up was deferred (a library caller's own install)
         return run.finish(run.loop())
     except ActorFailure as exc:
         if exc.kind == actors.learners.kind:

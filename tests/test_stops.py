@@ -95,3 +95,36 @@ def test_signal_stops_training_cleanly(tmp_path, tiny_model_dir, signame, to_gro
     assert all(isinstance(json.loads(line), dict) for line in lines)
     assert 1 <= len(_step_rows(run_dir / "metrics.jsonl")) < 200
     assert _left_over(procs, session_dir) == []
+
+
+@pytest.mark.timeout(900)
+def test_signal_during_start_up_stops_at_once(tmp_path, tiny_model_dir):
+    """Start-up has nothing to save: SIGTERM during the format warm-up ends the command at once (Slurm's
+    scancel allows 30 s before SIGKILL), with its one line and no process left."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", *SHORT_RUN,
+           "train.format_warmup_steps=100000", f"model.path={tiny_model_dir}", f"logging.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(p.name().startswith("ray::warmup_format") for p in _descendants(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no format warm-up task started"
+            time.sleep(0.5)
+        procs = _descendants(proc.pid)
+        session_dir = _ray_session_dir(procs)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"SIGTERM during the warm-up: exit {proc.returncode} {took:.1f} s after the signal")
+    assert proc.returncode == 143, err[-4000:]
+    assert [line for line in err.splitlines() if line.startswith("medvlm-r1:")] == [
+        "medvlm-r1: stopped at once by SIGTERM"], err[-4000:]
+    assert took < 30, took  # within Slurm's default KillWait
+    assert not _step_rows(run_dir / "metrics.jsonl")
+    assert _left_over(procs, session_dir) == []
