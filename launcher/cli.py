@@ -243,6 +243,7 @@ def main(argv=None) -> int:
         print(f"medvlm-r1: {failure[1]}", file=sys.stderr)
         return failure[0]
     finally:
+        stops.shield()  # the signal that forwards a scancel must not cut the clean-up short
         _shutdown_ray()
 
 

@@ -10,22 +10,37 @@ The immediate stop raises KeyboardInterrupt because it is the one exception that
 blocking `ray.get`/`ray.wait` unchanged: any other exception raised by a signal handler there
 turns into a SystemError or a SystemExit(1). The command line reads the signal's exit code from
 `last_signal()`.
+
+While the command cleans up (stopping Ray and its engines), `shield()` keeps one further signal from
+cutting the clean-up short: a scancel both signals the driver and makes the batch script forward a
+SIGTERM, and an interrupted `ray.shutdown` leaves Ray's exit handler seconds of work past Slurm's KillWait.
+One more signal after that still stops at once.
+
+A SIGTERM within `ECHO_S` seconds of the previous one is the same request arriving twice, not a second
+request: Slurm's scancel and time limit signal every process of the batch step, the driver included,
+and the batch script forwards the signal it got to the driver as well. (A person's second Ctrl-C is a
+SIGINT and keeps its meaning.)
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Optional
 
 # 128 + the signal number of what the run was asked to stop by, as a shell reports a killed command.
 # SIGUSR1 is Slurm's early warning of the same termination, hence SIGTERM's code.
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+ECHO_S = 2.0  # a SIGTERM this soon after the previous one repeats it
 
 _requested: Optional[str] = None  # the first signal received
 _last: Optional[str] = None  # the most recent one (the one that forced an immediate stop)
 _immediate = False
 _installed = False
+_shielded = False
+_held: Optional[str] = None  # a signal received while shielded, not acted on
+_last_sigterm = float("-inf")  # time.monotonic() of the previous SIGTERM
 _previous: dict = {}  # the handlers found at the first install, put back by reset()
 
 
@@ -59,10 +74,19 @@ class StopNow(KeyboardInterrupt):
 
 
 def _handle(signum, frame) -> None:
-    global _requested, _last
+    global _requested, _last, _held, _last_sigterm
     name = signal.Signals(signum).name
+    if name == "SIGTERM":
+        now, previous = time.monotonic(), _last_sigterm
+        _last_sigterm = now
+        if now - previous < ECHO_S:
+            return  # the same stop, delivered both by Slurm and by the batch script
     _last = name
+    if _shielded and _held is None:
+        _held = name
+        return
     if _immediate or (_requested is not None and name in ("SIGINT", "SIGTERM")):
+        shield()  # the clean-up that follows is kept from the next signal
         raise StopNow(name)
     if _requested is None:
         _requested = name
@@ -85,6 +109,12 @@ def defer() -> None:
     (after a checkpoint); a second SIGINT or SIGTERM still stops at once."""
     global _immediate
     _immediate = False
+
+
+def shield() -> None:
+    """From now on (the command's clean-up) the next signal is held, not raised; one after it still is."""
+    global _shielded
+    _shielded = True
 
 
 def reinstall() -> None:
@@ -114,9 +144,10 @@ def check(checkpoint: Optional[str] = None) -> None:
 
 def reset() -> None:
     """Forget received signals and put back the handlers found at the first install (for tests)."""
-    global _requested, _last, _immediate, _installed
+    global _requested, _last, _immediate, _installed, _shielded, _held, _last_sigterm
     if threading.current_thread() is threading.main_thread():
         for sig, previous in _previous.items():
             signal.signal(sig, previous)
         _previous.clear()
-    _requested, _last, _immediate, _installed = None, None, False, False
+    _requested, _last, _immediate, _installed, _shielded, _held = None, None, False, False, False, None
+    _last_sigterm = float("-inf")

@@ -148,7 +148,11 @@ wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is al
 # shellcheck disable=SC2317,SC2329  # reached from the traps below
 stop_all() {
   trap - EXIT TERM INT
+  # Written first as well: on scancel, Slurm SIGKILLs this script KillWait seconds after its SIGTERM.
+  echo "$RC" >"$LOG_DIR/exit_code"
   if [[ -n $DRIVER_PID ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
+    # Slurm's scancel and time limit already signalled the driver (it counts this repeat as the same stop);
+    # a SIGTERM sent to this script alone reaches the driver only through this line.
     log "stopping the driver"
     kill -TERM "$DRIVER_PID" 2>/dev/null
     wait "$DRIVER_PID" 2>/dev/null

@@ -153,13 +153,40 @@ def test_a_recorded_stop_ends_at_the_next_check_with_its_exit_code(signame, code
 
 @pytest.mark.parametrize("first, second, code", [("SIGTERM", "SIGTERM", 143), ("SIGINT", "SIGINT", 130),
                                                  ("SIGUSR1", "SIGINT", 130), ("SIGTERM", "SIGINT", 130)])
-def test_a_second_signal_stops_at_once(first, second, code):
+def test_a_second_signal_stops_at_once(first, second, code, monkeypatch):
+    monkeypatch.setattr(stops, "ECHO_S", 0.0)  # a second SIGTERM long after the first
     stops.install_handlers()
     signal.raise_signal(getattr(signal, first))
     with pytest.raises(KeyboardInterrupt) as err:  # the one exception that leaves a blocking ray.get as it is
         signal.raise_signal(getattr(signal, second))
     assert stops.requested() == first and stops.last_signal() == second
     assert err.value.exit_code == code and _failure(err.value) == (code, f"stopped at once by {second}")
+
+
+def test_a_sigterm_repeated_at_once_is_the_same_stop():
+    """scancel signals the driver and the batch script, which forwards its SIGTERM: one request, not two."""
+    stops.install_handlers()
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)  # within ECHO_S: only recorded, this line returns
+    assert stops.requested() == "SIGTERM"
+    with pytest.raises(stops.StopRequested):
+        stops.check()
+    with pytest.raises(KeyboardInterrupt):  # a person's Ctrl-C after it still stops at once
+        signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_the_clean_up_after_a_stop_is_kept_from_one_more_signal(immediate, monkeypatch):
+    monkeypatch.setattr(stops, "ECHO_S", 0.0)
+    stops.install_handlers(immediate=immediate)
+    if not immediate:
+        signal.raise_signal(signal.SIGTERM)  # recorded
+    with pytest.raises(stops.StopNow):
+        signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)  # during the clean-up: held, this line returns
+    with pytest.raises(stops.StopNow) as err:  # one more still stops at once
+        signal.raise_signal(signal.SIGINT)
+    assert err.value.exit_code == 130
 
 
 def test_reset_puts_back_the_previous_handlers():
