@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -180,19 +181,29 @@ def _failure(exc: BaseException) -> tuple[int, str] | None:
     return 1, f"error: {_one_line(exc)}{hint}"
 
 
-def _shutdown_ray() -> None:
+def _shutdown_ray() -> bool:
     """Stop the Ray instance this process started (or leave the cluster it joined), so that no raylet,
-    worker, agent or vLLM engine outlives the command."""
+    worker, agent or vLLM engine outlives the command. False when the cluster's GCS is gone (a scancel
+    stops the Ray nodes with the driver): a Ray client then cannot disconnect, and both ray.shutdown and
+    Ray's exit handler would wait out a reconnect timeout of a minute, past Slurm's KillWait."""
     ray = sys.modules.get("ray")
     if ray is None:
-        return
+        return True
     try:
+        if ray.is_initialized():
+            from launcher.cluster import gcs_reachable
+
+            if not gcs_reachable():
+                logging.getLogger(__name__).warning("the Ray cluster is gone: exiting without disconnecting")
+                _stop_ray_descendants()
+                return False
         # A node half started when a signal cut ray.init short is not "initialized", yet has processes.
         if ray.is_initialized() or getattr(ray._private.worker, "_global_node", None) is not None:
             ray.shutdown(wait_for_processes=True)
         _stop_ray_descendants()
     except BaseException as exc:  # a second Ctrl-C during clean-up must not end in a traceback
         print(f"medvlm-r1: Ray shutdown incomplete: {_one_line(exc)}", file=sys.stderr)
+    return True
 
 
 def _stop_ray_descendants(timeout_s: float = 10) -> None:
@@ -233,6 +244,21 @@ def main(argv=None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
     try:
+        code = _run(args)
+    finally:
+        stops.shield()  # the signal that forwards a scancel must not cut the clean-up short
+        disconnected = _shutdown_ray()
+    if not disconnected:  # skip Ray's exit handler, which would wait for the gone GCS
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args) -> int:
+    """The command's exit code; an error that ends it becomes one line on stderr."""
+    try:
         return args.func(args)
     except BaseException as exc:
         failure = _failure(exc)
@@ -242,9 +268,6 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"medvlm-r1: {failure[1]}", file=sys.stderr)
         return failure[0]
-    finally:
-        stops.shield()  # the signal that forwards a scancel must not cut the clean-up short
-        _shutdown_ray()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,18 @@ def start_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
+def gcs_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether this Ray cluster's GCS still accepts connections. After a scancel or a time limit has
+    stopped the Ray nodes, every Ray call (killing an actor, removing a placement group) would wait a
+    minute or more for a GCS that is not coming back."""
+    try:
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 COLOCATED_GPU_SHARE = 0.5
 
 

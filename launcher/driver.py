@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import ray
 
-from launcher import cluster
+from launcher import cluster, stops
 from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup, ActorTimeoutError, Calls
 from launcher.config import Config
 from medvqa.record import MedVQARecord
@@ -257,9 +257,17 @@ def sample_rows(batch: RolloutBatch, records: list[MedVQARecord], count: int) ->
 
 
 def stop_actors(actors: Actors) -> None:
-    actors.workers.shutdown("shutdown")
-    actors.learners.shutdown()
-    actors.placement.remove()
+    """Stop the workers (letting their engines exit), the learner ranks, then free their placement. Each
+    phase first checks that the Ray cluster is still there: after a scancel or a time limit the Ray nodes
+    stop with the driver, and a Ray call to a dead GCS would wait past Slurm's KillWait."""
+    phases = [("rollout workers", lambda: actors.workers.shutdown("shutdown", timeout_s=10 if stops.requested() else 60)),
+              ("learner ranks", actors.learners.shutdown),
+              ("placement group", actors.placement.remove)]
+    for what, stop in phases:
+        if not cluster.gcs_reachable():
+            log.warning("the Ray cluster is gone (its GCS does not answer): not stopping the %s", what)
+            return
+        stop()
 
 
 def load_learner_state(actors: Actors, checkpoint_learner_dir: Path) -> None:
@@ -327,6 +335,10 @@ def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weight
     cfg = actors.cfg
     if not failed:
         return
+    if stops.requested():
+        # Stopping anyway; and a scancel or time limit signals every Slurm step, the Ray nodes' too, so
+        # a replacement would only die with them. The command reports the stop, this failure its echo.
+        raise min(failed.items())[1]
     for index, failure in sorted(failed.items()):
         actors.restarts += 1
         if actors.restarts > cfg.cluster.max_worker_restarts:

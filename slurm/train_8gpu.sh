@@ -19,8 +19,10 @@
 # (--signal=B:USR1@300; change it with sbatch --signal=B:USR1@SECONDS). The driver then finishes its
 # step, writes a full checkpoint and stops; this script stops Ray on every node and requeues the job
 # (--requeue). The requeued job has the same job id, so the same run directory, and resumes from the
-# checkpoint (train.resume=auto). SIGTERM (scancel, or the time limit itself) also makes the driver
-# checkpoint at its next step boundary, but does not requeue.
+# checkpoint (train.resume=auto). scancel and the time limit itself signal every step of the job, the
+# Ray nodes' too: the driver stops at once, keeping the last periodic checkpoint (train.checkpoint_every),
+# and the job is not requeued. A SIGTERM sent to this script alone makes the driver checkpoint at its next
+# step boundary.
 #
 # Environment (all optional):
 #   MEDVLM_DEVICE              cpu | gpu: passed as cluster.device=...; cpu also gives Ray no GPUs

@@ -123,7 +123,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={root}/log/jobcomp.txt
 MinJobAge=3600
-KillWait=10
+KillWait=30
 InactiveLimit=0
 {nodes}
 PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP

@@ -7,6 +7,7 @@ script's documented CPU switch: MEDVLM_DEVICE=cpu and `sbatch --gpus-per-node=0`
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,18 +183,34 @@ def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path):
-    job = Job(slurm, tmp_path, ["train.steps=1000", "logging.wandb=false"])
-    deadline = time.monotonic() + 300
-    while "driver:" not in job.log() and time.monotonic() < deadline:
-        time.sleep(1)
-    assert "driver:" in job.log(), f"the driver never started:\n{job.log()}"
-    time.sleep(3)
+@pytest.mark.parametrize("when", ["start-up", "loop"])
+def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path, when):
+    """scancel signals the driver and the batch script, which forwards its SIGTERM: the driver takes the
+    two as one stop. During start-up it stops at once. In the loop, Slurm's SIGTERM also reaches the Ray
+    step, so the actors die with it: the driver stops on the first failure instead of replacing a worker.
+    Either way, within KillWait: the script writes the exit code and Ray is stopped."""
+    overrides = ["train.steps=1000", "logging.wandb=false"]
+    if when == "loop":
+        overrides = [*SHORT_RUN, "train.steps=1000", "train.checkpoint_every=1000"]
+    job = Job(slurm, tmp_path, overrides)
+    deadline = time.monotonic() + 600
+    ready = (lambda: "building the tiny Qwen2-VL" in job.log()) if when == "start-up" else \
+        (lambda: bool(_metric_steps(job.run_dir)))
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready(), f"the driver never reached its {when}:\n{job.log()}"
     assert slurm.run(["scancel", job.id]).returncode == 0
     state = job.wait(timeout=120)
-    assert state["JobState"] == "CANCELLED", f"{state}\n{job.log()}"
-    assert job.exit_code_file() == "143", job.log()
-    assert "received SIGTERM" in job.log()
+    log = job.log()
+    assert state["JobState"] == "CANCELLED", f"{state}\n{log}"
+    assert job.exit_code_file() == "143", log
+    assert "received SIGTERM" in log
+    if when == "start-up":
+        assert "medvlm-r1: stopped at once by SIGTERM" in log, log
+    else:  # one request, not a second one that stops at once; and the dying actors are not replaced
+        assert re.search(r"medvlm-r1: stopped by SIGTERM[;( ]", log), log
+        assert "replacing rollout worker" not in log, log
+    assert "Ray shutdown incomplete" not in log, log
     assert processes_mentioning(str(job.run_dir)) == [], "the driver outlived the job"
     job.assert_ray_stopped(["node1"])
 
