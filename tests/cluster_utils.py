@@ -5,6 +5,7 @@ it started and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two GRPO steps of the tiny model (configs/tiny_cpu.yaml), nothing else: no format warm-up, no evaluation, no W&B.
@@ -22,6 +23,19 @@ SHORT_RUN = [
     "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=16",
     "learner.micro_batch_size=4", "logging.wandb=false", "logging.progress_bar=false", "logging.sample_every=0",
 ]
+
+
+@contextlib.contextmanager
+def own_session(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """`cmd` started from the repository root in a session of its own (its own process group, as a command
+    in a terminal); whatever happens in the block, the group is SIGKILLed on leaving it if still running."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 
 

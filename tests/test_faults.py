@@ -3,7 +3,6 @@ engine process SIGKILLed, the worker actor SIGKILLed, the engine SIGSTOPped (stu
 rollout-worker fault is survived (the worker is replaced, gets the current weights, and its prompts are
 sampled again) with no step missing; a dead learner rank stops the run, naming it and how to resume."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_utils import REPO_ROOT, SHORT_RUN
+from cluster_utils import SHORT_RUN, own_session
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +29,12 @@ def _rows(run_dir: Path) -> list[dict]:
     return [r for r in out if "reward/total" in r]
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _start(run_dir: Path, *extra: str):
     # The engine in vLLM's own processes (EngineCore), which are what these faults hit.
     cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", f"logging.run_dir={run_dir}",
            f"model.path={run_dir.parent / 'tiny-qwen2-vl'}", *SHORT_RUN, "cluster.cpus_per_actor=0.5",
            "rollout.engine_in_process=false", *extra]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return own_session(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 600) -> float:
@@ -66,11 +64,10 @@ def _descendant(proc: subprocess.Popen, marker: str) -> psutil.Process:
 @pytest.mark.timeout(1500)
 def test_rollout_worker_faults_are_survived(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, "train.steps=8", "rollout.timeout_s=30", "cluster.max_worker_restarts=3")
     faults = [(2, "EngineCore", signal.SIGKILL), (4, "ray::RolloutWorker", signal.SIGKILL),
               (6, "EngineCore", signal.SIGSTOP)]
     recovery = {}
-    try:
+    with _start(run_dir, "train.steps=8", "rollout.timeout_s=30", "cluster.max_worker_restarts=3") as proc:
         for step, marker, sig in faults:
             _wait_for_step(proc, run_dir, step)
             victim = _descendant(proc, marker)
@@ -78,9 +75,6 @@ def test_rollout_worker_faults_are_survived(tmp_path):
             hit = time.monotonic()
             recovery[f"{signal.Signals(sig).name} {marker}"] = _wait_for_step(proc, run_dir, step + 1) - hit
         _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-4000:]
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 9))  # no step missing, none twice
@@ -96,16 +90,12 @@ def test_rollout_worker_faults_are_survived(tmp_path):
 def _kill_after_step(run_dir: Path, step: int, marker: str, *extra: str) -> tuple[subprocess.Popen, str, float]:
     """Start a run, SIGKILL the process matching `marker` once `step` is logged; (process, stderr,
     seconds from the kill to the run's exit)."""
-    proc = _start(run_dir, "train.steps=50", *extra)
-    try:
+    with _start(run_dir, "train.steps=50", *extra) as proc:
         _wait_for_step(proc, run_dir, step)
         _descendant(proc, marker).kill()
         killed = time.monotonic()
         _, err = proc.communicate(timeout=300)
         return proc, err, time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(900)

@@ -2,7 +2,6 @@
 and DeepSpeed: k = 0 is the plain generate-train-sync loop, bit for bit; k = 1 trains each batch at most
 one weight version after it was sampled (read back from the logged versions), and checkpoints neither
 lose nor repeat a batch in flight."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import pytest
 import ray
-from cluster_utils import REPO_ROOT
+from cluster_utils import REPO_ROOT, own_session
 from test_resume import _assert_same_steps, _cut_back_to, _latest_step, _overrides, _steps
 
 from launcher import checkpoints, cluster, driver
@@ -111,18 +110,13 @@ def test_a_stop_between_checkpoints_discards_the_batch_in_flight(warmed_model, t
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml",
            *_overrides(warmed_model, run_dir, "train.max_staleness=1", "train.steps=6", "train.checkpoint_every=0")]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with own_session(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.monotonic() + 600
         while not (run_dir / "metrics.jsonl").exists() or not _steps(run_dir):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before step 1"
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err[-3000:]
     stopped_at = _latest_step(run_dir)
     assert 1 <= stopped_at < 6, stopped_at

@@ -5,7 +5,6 @@ never silently reused."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from launcher import checkpoints
 from launcher.config import ConfigError, load_config
 from medvqa.synthetic import make_synthetic_split
-from cluster_utils import REPO_ROOT
+from cluster_utils import REPO_ROOT, own_session
 
 COMPARED = ("reward/total", "reward/accuracy", "loss", "grad_norm", "weight_version", "rollout_weight_version")
 
@@ -103,14 +102,12 @@ def test_sigkilled_run_resumes_exactly_with_one_rank(warmed_model, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     subprocess.run(cmd + _overrides(warmed_model, ref_dir, "logging.wandb=true"), cwd=REPO_ROOT, env=env,
                    check=True, capture_output=True, timeout=1200)
-    proc = subprocess.Popen(cmd + _overrides(warmed_model, killed_dir, "train.steps=40", "logging.wandb=true"),
-                            cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 1200
-    while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    with own_session(cmd + _overrides(warmed_model, killed_dir, "train.steps=40", "logging.wandb=true"), env=env,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 1200
+        while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # leaving the block SIGKILLs the whole driver: Ray and vLLM with it
     assert _latest_step(killed_dir) >= 2
     killed_at = _latest_step(killed_dir)
     done = subprocess.run(cmd + _overrides(warmed_model, killed_dir, "logging.wandb=true"), cwd=REPO_ROOT,

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster_utils import REPO_ROOT, SHORT_RUN, processes_mentioning
+from cluster_utils import REPO_ROOT, SHORT_RUN, own_session, processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +27,15 @@ def _step_rows(path: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if "reward/total" in r]
 
 
-def _start_and_wait_for_a_step(tmp_path: Path, model_dir: str, *extra: str) -> tuple[subprocess.Popen, Path]:
-    run_dir = tmp_path / "run"
+def _train(run_dir: Path, model_dir: str, *extra: str):
+    """`medvlm-r1 train` in its own process group, like a command in a terminal."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", *SHORT_RUN, "train.steps=200",
+    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", *SHORT_RUN,
            f"model.path={model_dir}", f"logging.run_dir={run_dir}", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, like a command in a terminal
+    return own_session(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_a_step(proc: subprocess.Popen, run_dir: Path) -> None:
     deadline = time.monotonic() + 900
     while not _step_rows(run_dir / "metrics.jsonl"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -41,7 +43,6 @@ def _start_and_wait_for_a_step(tmp_path: Path, model_dir: str, *extra: str) -> t
             out, err = proc.communicate()
             pytest.fail(f"no step row (exit {proc.returncode}):\n{err[-4000:]}")
         time.sleep(1)
-    return proc, run_dir
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -73,18 +74,20 @@ def _left_over(procs: list[psutil.Process], session_dir: str, timeout: float = 3
 @pytest.mark.parametrize("signame, to_group, code, in_process", [("SIGTERM", False, 143, False),
                                                                  ("SIGINT", True, 130, True)])
 def test_signal_stops_training_cleanly(tmp_path, tiny_model_dir, signame, to_group, code, in_process):
-    proc, run_dir = _start_and_wait_for_a_step(tmp_path, tiny_model_dir, f"rollout.engine_in_process={in_process}")
-    procs = _descendants(proc.pid)
-    names = {p.name() for p in procs}
-    assert {"raylet", "gcs_server"} <= names and any(n.startswith("ray::RolloutWorker") for n in names), names
-    assert any(n.startswith("VLLM::") for n in names) != in_process, names
-    session_dir = _ray_session_dir(procs)
-    sent = time.monotonic()
-    if to_group:
-        os.killpg(proc.pid, getattr(signal, signame))  # Ctrl-C: the terminal signals the whole group
-    else:
-        proc.send_signal(getattr(signal, signame))
-    out, err = proc.communicate(timeout=600)
+    run_dir = tmp_path / "run"
+    with _train(run_dir, tiny_model_dir, "train.steps=200", f"rollout.engine_in_process={in_process}") as proc:
+        _wait_for_a_step(proc, run_dir)
+        procs = _descendants(proc.pid)
+        names = {p.name() for p in procs}
+        assert {"raylet", "gcs_server"} <= names and any(n.startswith("ray::RolloutWorker") for n in names), names
+        assert any(n.startswith("VLLM::") for n in names) != in_process, names
+        session_dir = _ray_session_dir(procs)
+        sent = time.monotonic()
+        if to_group:
+            os.killpg(proc.pid, getattr(signal, signame))  # Ctrl-C: the terminal signals the whole group
+        else:
+            proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=600)
     print(f"{signame}: exit {proc.returncode} {time.monotonic() - sent:.1f} s after the signal")
     assert proc.returncode == code, err[-4000:]
     ours = [line for line in err.splitlines() if line.startswith("medvlm-r1:")]
@@ -102,12 +105,7 @@ def test_signal_during_start_up_stops_at_once(tmp_path, tiny_model_dir):
     """Start-up has nothing to save: SIGTERM during the format warm-up ends the command at once (Slurm's
     scancel allows 30 s before SIGKILL), with its one line and no process left."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml", *SHORT_RUN,
-           "train.format_warmup_steps=100000", f"model.path={tiny_model_dir}", f"logging.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
+    with _train(run_dir, tiny_model_dir, "train.format_warmup_steps=100000") as proc:
         deadline = time.monotonic() + 600
         while not any(p.name().startswith("ray::warmup_format") for p in _descendants(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, "no format warm-up task started"
@@ -118,9 +116,6 @@ def test_signal_during_start_up_stops_at_once(tmp_path, tiny_model_dir):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     print(f"SIGTERM during the warm-up: exit {proc.returncode} {took:.1f} s after the signal")
     assert proc.returncode == 143, err[-4000:]
     assert [line for line in err.splitlines() if line.startswith("medvlm-r1:")] == [
