@@ -191,7 +191,7 @@ def small_cfg():
 
 class EnginePool:
     """Two rollout engines in Ray actors, as with rollout.num_workers=2, kept for the module; an engine
-    that a test left refusing work is replaced, so that no test depends on what an earlier one did."""
+    that a test left refusing work is replaced before the next test, so that none depends on an earlier one."""
 
     def __init__(self, model_dir: str):
         self.model_dir = model_dir
@@ -237,8 +237,8 @@ def engine_pool(tiny_model_dir):
 
 @pytest.fixture
 def ray_workers(engine_pool):
-    yield engine_pool.actors
-    engine_pool.replace_broken()
+    engine_pool.replace_broken()  # before the test, not after: the module's last test leaves nothing to replace
+    return engine_pool.actors
 
 
 def all_logprobs(actors, record, completion) -> list[torch.Tensor]:
