@@ -189,21 +189,21 @@ def _shutdown_ray() -> bool:
     ray = sys.modules.get("ray")
     if ray is None:
         return True
+    connected = True
     try:
         if ray.is_initialized():
             from launcher.cluster import gcs_reachable
 
-            if not gcs_reachable():
-                logging.getLogger(__name__).warning("the Ray cluster is gone: exiting without disconnecting")
-                _stop_ray_descendants()
-                return False
+            connected = gcs_reachable()
+        if not connected:
+            logging.getLogger(__name__).warning("the Ray cluster is gone: exiting without disconnecting")
         # A node half started when a signal cut ray.init short is not "initialized", yet has processes.
-        if ray.is_initialized() or getattr(ray._private.worker, "_global_node", None) is not None:
+        elif ray.is_initialized() or getattr(ray._private.worker, "_global_node", None) is not None:
             ray.shutdown(wait_for_processes=True)
         _stop_ray_descendants()
     except BaseException as exc:  # a second Ctrl-C during clean-up must not end in a traceback
         print(f"medvlm-r1: Ray shutdown incomplete: {_one_line(exc)}", file=sys.stderr)
-    return True
+    return connected
 
 
 def _stop_ray_descendants(timeout_s: float = 10) -> None:

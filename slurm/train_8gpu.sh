@@ -150,7 +150,8 @@ wait_gone() {  # wait_gone HALF_SECONDS PID...: true once none of the PIDs is al
 # shellcheck disable=SC2317,SC2329  # reached from the traps below
 stop_all() {
   trap - EXIT TERM INT
-  # Written first as well: on scancel, Slurm SIGKILLs this script KillWait seconds after its SIGTERM.
+  # Written first (RC does not change below): on scancel, Slurm SIGKILLs this script KillWait seconds after
+  # its SIGTERM, maybe before Ray has stopped.
   echo "$RC" >"$LOG_DIR/exit_code"
   if [[ -n $DRIVER_PID ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
     # Slurm's scancel and time limit already signalled the driver (it counts this repeat as the same stop);
@@ -167,7 +168,6 @@ stop_all() {
   ((${#steps[@]})) && scancel --signal=TERM "${steps[@]}" 2>/dev/null
   wait_gone 60 "${SRUN_PIDS[@]}" || for pid in "${SRUN_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   wait_gone 30 "${SRUN_PIDS[@]}" || for pid in "${SRUN_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-  echo "$RC" >"$LOG_DIR/exit_code"
   log "exit code $RC"
   if ((REQUEUE)) && ((RC == 143)); then
     # The driver saved a checkpoint and stopped: the requeued job (same id, same run dir) resumes it.
