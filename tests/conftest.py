@@ -55,6 +55,43 @@ def _no_inherited_wandb_service():
 SLOW_TIMEOUT_S = 900
 
 
+# Vector extensions that change which float kernels torch (oneDNN, MKL) and vLLM's CPU backend pick.
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
+                "neon", "sve")
+
+
+def machine_line() -> str:
+    """The CPU model, its core count and the vector extensions it has: a trajectory that differs on
+    another machine (float sums in another order) then says which machine it was."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+            if flags and model:
+                break
+    except OSError:
+        pass
+    have = [f for f in VECTOR_FLAGS if f in flags]
+    return f"cpu: {model}, {os.cpu_count()} cores, vector extensions: {' '.join(have) or 'none found'}"
+
+
+def pytest_sessionstart(session):
+    """Printed at every verbosity (`-q` hides pytest's own header), before the first test."""
+    import torch
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(machine_line())
+        reporter.write_line(f"torch {torch.__version__}: {torch.get_num_threads()} threads, "
+                            f"kernels for {torch.backends.cpu.get_cpu_capability()}")
+
+
 def pytest_addoption(parser):
     parser.addoption("--reverse-order", action="store_true",
                      help="run the collected tests last to first: no test may rely on what an earlier one left")
