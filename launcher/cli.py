@@ -41,16 +41,32 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_make_tiny_model(args) -> int:
-    from medvqa.tiny_model import build_tiny_model
-
     try:
-        out = build_tiny_model(args.out_dir, seed=args.seed, hidden=args.hidden, layers=args.layers,
-                               intermediate=args.intermediate)
+        out, shape = _build_random_model(args)
     except ValueError as exc:
         print(f"medvlm-r1: make-tiny-model: {exc}", file=sys.stderr)
         return 2
-    print(f"tiny Qwen2-VL (hidden {args.hidden}, {args.layers} layers) written to {out}")
+    print(f"{shape} written to {out}")
     return 0
+
+
+def _build_random_model(args) -> tuple[str, str]:
+    """(folder, a description of the shape) of the checkpoint `make-tiny-model` wrote."""
+    from medvqa.tiny_model import build_real_shape_model, build_tiny_model
+
+    if args.like:
+        if args.hidden is not None or args.intermediate is not None:
+            raise ValueError("--like fixes the widths: only --layers and --vision-depth change its shape")
+        out = build_real_shape_model(args.out_dir, args.like, args.layers, args.vision_depth, args.seed)
+        depths = [f"{n} {what}" for n, what in ((args.layers, "layers"), (args.vision_depth, "vision blocks")) if n]
+        return out, f"random Qwen2-VL shaped like {args.like}" + (f" ({', '.join(depths)})" if depths else "")
+    if args.vision_depth is not None:
+        raise ValueError("--vision-depth goes with --like (the tiny model's vision tower is fixed)")
+    # None means the builder's default, so that the defaults are written once, in medvqa.tiny_model.
+    sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers),
+                               ("intermediate", args.intermediate)) if v is not None}
+    out = build_tiny_model(args.out_dir, seed=args.seed, **sizes)
+    return out, "tiny Qwen2-VL" + (f" ({', '.join(f'{k} {v}' for k, v in sizes.items())})" if sizes else "")
 
 
 def _cmd_eval(args) -> int:
@@ -103,12 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. sft.target=letter)")
     s.set_defaults(func=_cmd_sft)
     m = sub.add_parser("make-tiny-model", parents=[common],
-                       help="build the tiny random Qwen2-VL checkpoint used by tests and the demo")
+                       help="build the tiny random Qwen2-VL checkpoint used by tests and the demo, or with "
+                            "--like one with a published model's config")
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--hidden", type=int, default=128, help="text hidden size, a multiple of 64 (heads of 64)")
-    m.add_argument("--layers", type=int, default=2, help="text decoder layers")
+    m.add_argument("--hidden", type=int, default=None,
+                   help="text hidden size, a multiple of 64 (heads of 64; default 128)")
+    m.add_argument("--layers", type=int, default=None,
+                   help="text decoder layers (default 2; with --like, the published number)")
     m.add_argument("--intermediate", type=int, default=None, help="text MLP size (default: twice --hidden)")
+    m.add_argument("--like", default=None, metavar="NAME",
+                   help="random weights in a published model's config, e.g. qwen2-vl-2b (Qwen2-VL-2B-Instruct)")
+    m.add_argument("--vision-depth", type=int, default=None,
+                   help="vision blocks, with --like (default: the published number)")
     m.set_defaults(func=_cmd_make_tiny_model)
     e = sub.add_parser("eval", parents=[common],
                        help="greedy evaluation of a checkpoint on the config's held-out sets")

@@ -1,4 +1,5 @@
-"""A tiny random Qwen2-VL checkpoint built offline in seconds: the model every test and the CPU demo run.
+"""Random Qwen2-VL checkpoints built offline: the tiny one every test and the CPU demo run (a few MB, in
+seconds), and one with Qwen2-VL-2B-Instruct's published config, its depths optionally cut.
 
 The tokenizer is a byte-level BPE trained on the spot on the task's own text (the prompt template,
 the synthetic questions and options, letters, digits), so prompts tokenise compactly; it carries
@@ -6,6 +7,7 @@ Qwen2-VL's special tokens so that the processor and vLLM find them where they lo
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Optional
@@ -81,9 +83,11 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int = 1024):
+def train_tokenizer(vocab_size: int = 1024, first_special_id: Optional[int] = None):
     """A Qwen2TokenizerFast whose byte-level BPE is trained on `tokenizer_corpus()`.
 
+    The special tokens, then the reasoning tags, take consecutive ids from `first_special_id`
+    (default: right after the BPE vocabulary); ids in between are left unused.
     The trained vocabulary does not depend on any seed: every tiny model shares one tokenizer.
     """
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
@@ -103,9 +107,13 @@ def train_tokenizer(vocab_size: int = 1024):
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     vocab = dict(model["vocab"])
-    # Fixed ids right after the BPE vocabulary, in Qwen2-VL's order, before the tokenizer adds any.
-    for token in QWEN2_VL_SPECIAL_TOKENS + REASONING_TOKENS:
-        vocab[token] = len(vocab)
+    first = len(vocab) if first_special_id is None else first_special_id
+    if first < len(vocab):
+        raise ValueError(f"special tokens from id {first} would overlap the {len(vocab)} BPE tokens")
+    # Fixed ids in Qwen2-VL's order, in the model's vocabulary before the tokenizer adds any: added
+    # tokens it already knows keep their ids, whatever gaps lie below them.
+    for i, token in enumerate(QWEN2_VL_SPECIAL_TOKENS + REASONING_TOKENS):
+        vocab[token] = first + i
     tok = Qwen2TokenizerFast(
         vocab=vocab, merges=merges, unk_token=None, bos_token=None,
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -169,21 +177,141 @@ def build_tiny_model(out_dir: str, seed: int = 0, hidden: int = 128, layers: int
     Returns `out_dir`.
     """
     import torch
+
+    tokenizer = train_tokenizer()
+    config = tiny_config(tokenizer, hidden, layers, intermediate)
+    return _save_random_model(out_dir, config, tokenizer, seed, torch.float32)
+
+
+def _save_random_model(out_dir: str, config, tokenizer, seed: int, dtype) -> str:
+    """Initialise `config`'s model from `seed`, cast it to `dtype`, save it with its processor."""
+    import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer()
-    config = tiny_config(tokenizer, hidden, layers, intermediate)
     # A private generator leaves the caller's global RNG streams untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+        model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
+    text = config.text_config
+    # The published pad id where the config has none (Qwen2-VL's own generation_config.json does so).
+    pad = text.pad_token_id if text.pad_token_id is not None else text.bos_token_id
     model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
+        bos_token_id=text.bos_token_id, pad_token_id=pad, eos_token_id=[text.eos_token_id, text.bos_token_id],
         do_sample=False,
     )
     model.save_pretrained(out, safe_serialization=True)
     tiny_processor(tokenizer).save_pretrained(out)
     return str(out)
+
+
+# Qwen2-VL-2B-Instruct's config.json as published on the Hugging Face hub (flat, transformers 4.41's
+# layout). transformers 5.19 reads it into text_config / vision_config, rope_theta and rope_scaling into
+# text_config.rope_parameters, torch_dtype into dtype, and adds its own defaults for absent fields.
+QWEN2_VL_2B_INSTRUCT_CONFIG = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "initializer_range": 0.02,
+    "intermediate_size": 8960,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "model_type": "qwen2_vl",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.41.2",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "hidden_size": 1536,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 151936,
+}
+# `make-tiny-model --like NAME`: the published configs a real-shape model copies.
+PUBLISHED_CONFIGS = {"qwen2-vl-2b": QWEN2_VL_2B_INSTRUCT_CONFIG}
+# Published fields whose written value differs, and why. Nothing else differs: the model's layout in
+# transformers 5.19 is the one the published checkpoint loads into.
+REAL_SHAPE_DIFFERENCES = {
+    "num_hidden_layers": "the text layers asked for (published: 28); text_config.layer_types follows it",
+    "vision_config.depth": "the vision blocks asked for (published: 32)",
+    "transformers_version": "the version that wrote the file, not the publisher's",
+}
+
+
+def real_shape_config(like: str = "qwen2-vl-2b", layers: Optional[int] = None, vision_depth: Optional[int] = None):
+    """The Qwen2VLConfig of the published config `like`, with `layers` text layers and `vision_depth`
+    vision blocks where given (default: the published depths)."""
+    from transformers import Qwen2VLConfig
+
+    if like not in PUBLISHED_CONFIGS:
+        raise ValueError(f"no published config {like!r}; known: {', '.join(sorted(PUBLISHED_CONFIGS))}")
+    published = copy.deepcopy(PUBLISHED_CONFIGS[like])
+    for name, depth in (("text layers", layers), ("vision blocks", vision_depth)):
+        if depth is not None and depth < 1:
+            raise ValueError(f"the model needs at least one of its {name}, got {depth}")
+    published["num_hidden_layers"] = layers or published["num_hidden_layers"]
+    published["vision_config"]["depth"] = vision_depth or published["vision_config"]["depth"]
+    # A class attribute and the writer's version, not arguments; layer_types, were it there, would keep
+    # the published depth: without it transformers derives one entry per layer.
+    for key in ("model_type", "transformers_version", "layer_types"):
+        published.pop(key, None)
+    config = Qwen2VLConfig(**published)
+    # transformers nulls sliding_window while use_sliding_window is false (it does so again on loading);
+    # the file keeps the published value, so that it reads as the published one.
+    config.text_config.sliding_window = published["sliding_window"]
+    return config
+
+
+def parameter_count(config) -> int:
+    """Parameters of `config`'s model, a tied embedding counted once; built on the meta device, so
+    nothing is allocated."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+
+
+def build_real_shape_model(out_dir: str, like: str = "qwen2-vl-2b", layers: Optional[int] = None,
+                           vision_depth: Optional[int] = None, seed: int = 0) -> str:
+    """Write a random checkpoint with the published config `like` (depths cut by `layers` and
+    `vision_depth`), the tiny model's tokenizer with its special tokens at the published ids, and the
+    tiny model's processor. Weights are saved in the published dtype (bfloat16); load them in float32
+    with `dtype=torch.float32`. Returns `out_dir`.
+    """
+    config = real_shape_config(like, layers, vision_depth)
+    # Qwen2's special tokens are consecutive from <|endoftext|>, the published bos token.
+    tokenizer = train_tokenizer(first_special_id=config.text_config.bos_token_id)
+    _check_token_ids(tokenizer, config)
+    return _save_random_model(out_dir, config, tokenizer, seed, config.text_config.dtype)
+
+
+def _check_token_ids(tokenizer, config) -> None:
+    """The tokenizer's special tokens sit at the config's ids, and no id reaches past the embedding."""
+    expected = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+                "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
+                "<|endoftext|>": config.text_config.bos_token_id, "<|im_end|>": config.text_config.eos_token_id}
+    got = {t: tokenizer.convert_tokens_to_ids(t) for t in expected}
+    if got != expected:
+        raise ValueError(f"tokenizer ids {got} differ from the config's {expected}")
+    top = max(tokenizer.get_vocab().values())
+    if top >= config.text_config.vocab_size:
+        raise ValueError(f"token id {top} is past the embedding's {config.text_config.vocab_size} rows")
