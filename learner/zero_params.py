@@ -81,9 +81,19 @@ def weights_checksum(hf_model: nn.Module) -> float:
 
 
 def full_state_dict(hf_model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """The whole state dict on CPU at rank 0 (empty elsewhere); every rank must call it."""
+    """The whole state dict on CPU at rank 0 (empty elsewhere); every rank must call it.
+
+    Names of one parameter (a tied embedding and output head) share one copy: `save_pretrained`
+    recognises ties by shared storage and then writes the tensor once, as the published checkpoint has it.
+    """
     params = list(hf_model.parameters())
     with gathered(params):
         if rank != 0:
             return {}
-        return {k: v.detach().cpu().clone() for k, v in hf_model.state_dict().items()}
+        copies: dict[int, torch.Tensor] = {}
+        out = {}
+        for name, value in hf_model.state_dict(keep_vars=True).items():
+            if id(value) not in copies:
+                copies[id(value)] = value.detach().cpu().clone()
+            out[name] = copies[id(value)]
+        return out

@@ -128,10 +128,13 @@ def train_tokenizer(vocab_size: int = 1024, first_special_id: Optional[int] = No
 HEAD_DIM = 64
 
 
-def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, intermediate: Optional[int] = None):
+def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, intermediate: Optional[int] = None,
+                vocab_size: Optional[int] = None, kv_heads: Optional[int] = None, tie: bool = False):
     """A Qwen2VLConfig of a few MB by default (hidden 128, 2 layers, so 2 heads; MLP of twice the hidden
     size unless `intermediate` says otherwise); larger sizes are for benchmarks. The vision tower stays
-    tiny; its merger projects into `hidden`."""
+    tiny; its merger projects into `hidden`. `vocab_size` (default: the tokenizer's), `kv_heads` (default:
+    as many as query heads) and `tie` (one tensor for the token embedding and the output head) give the
+    published model's structure at a small width."""
     from transformers import Qwen2VLConfig
 
     if hidden < HEAD_DIM or hidden % HEAD_DIM:
@@ -139,11 +142,14 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, intermediate: Opt
     if layers < 1:
         raise ValueError(f"the model needs at least one layer, got {layers}")
     heads = hidden // HEAD_DIM
+    kv_heads = kv_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not share {kv_heads} key/value heads evenly")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
         # M-RoPE splits head_dim/2 = 32 rotary frequencies over (time, height, width).
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -154,7 +160,7 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, intermediate: Opt
     return Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie,
     )
 
 
@@ -315,3 +321,17 @@ def _check_token_ids(tokenizer, config) -> None:
     top = max(tokenizer.get_vocab().values())
     if top >= config.text_config.vocab_size:
         raise ValueError(f"token id {top} is past the embedding's {config.text_config.vocab_size} rows")
+
+
+def build_tied_model(out_dir: str, seed: int = 0, hidden: int = 256, layers: int = 2) -> str:
+    """The published model's structure at a width a test can afford: the token embedding and the output
+    head tied, all 151,936 vocabulary rows with the special tokens at their published ids, 2 key/value
+    heads shared by hidden / 64 query heads, mRoPE, in float32. Returns `out_dir`."""
+    import torch
+
+    published = QWEN2_VL_2B_INSTRUCT_CONFIG
+    tokenizer = train_tokenizer(first_special_id=published["bos_token_id"])
+    config = tiny_config(tokenizer, hidden, layers, vocab_size=published["vocab_size"],
+                         kv_heads=published["num_key_value_heads"], tie=True)
+    _check_token_ids(tokenizer, config)
+    return _save_random_model(out_dir, config, tokenizer, seed, torch.float32)

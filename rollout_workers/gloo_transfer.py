@@ -9,12 +9,20 @@ repacks linear weights after loading, so feeding `model.load_weights` directly f
 carry only part of the model (a frozen vision tower is not sent): the reload is then set up only on
 the model's top-level parts that the update names, and the rest keeps its weights untouched.
 
+A tied output head (Qwen2-VL-2B's `tie_word_embeddings`) is one parameter with the token embedding, sent
+once under the embedding's name. The reload splits the two while it runs and puts the head back on the
+updated tensor afterwards, but vLLM's CPU backend computes the logits through a copy of the head's weight
+packed for oneDNN at load time, which the reload does not redo: the head is processed again here, or the
+engine would sample from the starting checkpoint's head for ever.
+
 vLLM creates the engine inside its own worker processes by name; `rollout_workers.vllm_plugin`
 registers it there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
 
 from vllm.distributed.weight_transfer.base import (
@@ -66,6 +74,45 @@ def reload_roots(model, names) -> list:
     return [children[r] for r in sorted(roots)]
 
 
+# What vLLM's reload says, once per update, of a head that shares the embedding's weight and so gets
+# nothing under its own name (it follows the embedding instead).
+_TIED_HEAD_WARNING = "ParallelLMHead: Failed to load weights"
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def tied_heads(model) -> list:
+    """The vocabulary layers (output heads) whose weight is an earlier one's (the token embedding's)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    first, tied = set(), []
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if isinstance(module, VocabParallelEmbedding) else None
+        if weight is None:
+            continue
+        if id(weight) in first:
+            tied.append(module)
+        first.add(id(weight))
+    return tied
+
+
+class _TiedHeadWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _TIED_HEAD_WARNING
+
+
+@contextlib.contextmanager
+def _tied_head_warning_expected(expected: bool):
+    """Drops vLLM's per-update warning for a tied head while a reload finishes; only a model with a tied
+    head is quieted, so a head that really failed to load on an untied model still warns."""
+    log, quiet = logging.getLogger(_RELOAD_LOGGER), _TiedHeadWarningFilter()
+    if expected:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def worker_group_rank(parallel_config, rank_offset: int) -> int:
     """This worker process's rank in the sync group; the same rule as vLLM's NCCL engine."""
     per_replica = parallel_config.world_size  # tensor x pipeline parallel
@@ -81,6 +128,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         super().__init__(config, vllm_config, device, model)
         self.group: wu.GlooGroup | None = None
         self._reloading: list | None = None  # the modules of the update in progress
+        self._tied_heads: list | None = None  # heads sharing the embedding's weight (read at the first update)
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         self.shutdown()  # a re-formed group replaces the old one
@@ -96,8 +144,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        for module in self._reloading or ():
-            finalize_layerwise_reload(module, self.model_config)
+        with _tied_head_warning_expected(bool(self._tied_heads)):
+            for module in self._reloading or ():
+                finalize_layerwise_reload(module, self.model_config)
+        for head in self._tied_heads if self._reloading else ():
+            head.quant_method.process_weights_after_loading(head)
         self._reloading = None
 
     def update_weights(self, update_info: dict) -> None:
@@ -105,6 +156,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
 
         info = self.parse_update_info(update_info)
         if self._reloading is None:
+            if self._tied_heads is None:  # read while the model is whole: the reload unties it
+                self._tied_heads = tied_heads(self.model)
+                if self._tied_heads:
+                    logger.info("gloo weight transfer: the output head is tied to the token embedding; it "
+                                "follows the embedding's updates (vLLM's '%s' for it is expected)",
+                                _TIED_HEAD_WARNING)
             self._reloading = reload_roots(self.model, info.meta.names)
             for module in self._reloading:
                 initialize_layerwise_reload(module)

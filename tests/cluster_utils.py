@@ -260,3 +260,24 @@ class SlurmCluster:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
         return [n for n, p in self.procs.items() if p.poll() is None]
+
+
+@contextlib.contextmanager
+def driver_actors(cfg, model_dir: str):
+    """(training records, actors) of `cfg` in a Ray session of their own, as `medvlm-r1 train` starts
+    them; the actors are stopped and Ray shut down on leaving."""
+    import ray
+
+    from launcher import cluster, driver
+    from launcher.data import build_datasets
+
+    cluster.start_ray(cfg)
+    try:
+        records, _ = build_datasets(cfg.data)
+        actors = driver.start_actors(cfg, model_dir)
+        try:
+            yield records, actors
+        finally:
+            driver.stop_actors(actors)
+    finally:
+        ray.shutdown()

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+from cluster_utils import driver_actors
 from safetensors.torch import load_file
 
-from launcher import cluster, driver
+from launcher import driver
 from launcher.config import load_config
-from launcher.data import build_datasets
 from rewards.rules import accuracy_reward, format_reward
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,16 +37,8 @@ def _cfg(model_dir, run_dir):
 def setup(warm_model_dir, tmp_path_factory):
     """(config, training records, actors) of the module's one run."""
     cfg = _cfg(warm_model_dir, tmp_path_factory.mktemp("e2e-run"))
-    cluster.start_ray(cfg)
-    try:
-        records, _ = build_datasets(cfg.data)
-        actors = driver.start_actors(cfg, warm_model_dir)
-        try:
-            yield cfg, records, actors
-        finally:
-            driver.stop_actors(actors)
-    finally:
-        ray.shutdown()
+    with driver_actors(cfg, warm_model_dir) as (records, actors):
+        yield cfg, records, actors
 
 
 def _version(actors) -> int:
