@@ -140,7 +140,7 @@ def _place_colocated(cfg: Config, with_learners: bool, timeout_s: float) -> Plac
 
 
 def _ready_group(bundles: list[dict], what: str, timeout_s: float):
-    _check_gpus_suffice(bundles, what)
+    _check_resources_suffice(bundles, what)
     group = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -150,14 +150,32 @@ def _ready_group(bundles: list[dict], what: str, timeout_s: float):
     return group
 
 
-def _check_gpus_suffice(bundles: list[dict], what: str) -> None:
-    """More GPUs than the cluster has can never be placed: say so at once instead of after the timeout."""
-    need = sum(b.get("GPU", 0) for b in bundles)
-    have = ray.cluster_resources().get("GPU", 0)
-    if need > have:
-        raise RuntimeError(f"{what} need {need:g} GPUs, the Ray cluster has {have:g}; use fewer learner ranks or "
-                           "rollout workers, or cluster.colocate=true to put each learner rank and its engine on "
-                           "one GPU")
+# What to change when a resource falls short (the GPU hint first: GPUs are checked before CPUs).
+_SHORTFALL_HINTS = {
+    "GPU": "use fewer learner ranks or rollout workers, or cluster.colocate=true to put each learner rank and its "
+           "engine on one GPU",
+    "CPU": "lower cluster.cpus_per_actor (every learner rank and rollout worker reserves it; a colocated pair "
+           "reserves twice it), use fewer actors, or give Ray more CPUs (sbatch --cpus-per-task)",
+}
+
+
+def _check_resources_suffice(bundles: list[dict], what: str) -> None:
+    """More GPUs or CPUs than the cluster has, in all or on any one node, can never be placed: say so at once
+    instead of after the placement's timeout."""
+    total = ray.cluster_resources()
+    largest_node = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for resource, amount in node.get("Resources", {}).items():
+                largest_node[resource] = max(largest_node.get(resource, 0), amount)
+    for resource, hint in _SHORTFALL_HINTS.items():
+        need, have = sum(b.get(resource, 0) for b in bundles), total.get(resource, 0)
+        if need > have + 1e-9:
+            raise RuntimeError(f"{what} need {need:g} {resource}s, the Ray cluster has {have:g}; {hint}")
+        biggest = max((b.get(resource, 0) for b in bundles), default=0)
+        if biggest > largest_node.get(resource, 0) + 1e-9:
+            raise RuntimeError(f"one of {what} needs {biggest:g} {resource}s on one node, the largest node of the "
+                               f"Ray cluster has {largest_node.get(resource, 0):g}; {hint}")
 
 
 @ray.remote(num_cpus=0)

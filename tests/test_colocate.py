@@ -179,6 +179,26 @@ def test_more_gpus_than_the_cluster_has_fail_at_once_with_the_colocate_hint(tiny
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("colocate", [False, True])
+def test_more_cpus_than_the_cluster_has_fail_at_once_naming_the_shortfall(tiny_model_dir, ray_session, colocate):
+    """A Ray cluster joined from Slurm or `ray job submit` has the CPUs it was started with: a placement asking
+    for more would wait out its timeout (600 s) without a word."""
+    import ray
+
+    from launcher import cluster
+    from launcher.config import load_config
+
+    have = ray.cluster_resources()["CPU"]
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_model_dir}", f"cluster.colocate={colocate}",
+                                                f"cluster.cpus_per_actor={have:g}"])
+    what = "1 colocated bundles" if colocate else "1 learner and 1 rollout bundles"
+    with pytest.raises(RuntimeError, match=rf"^{what} need {2 * have:g} CPUs, the Ray cluster has {have:g}; "
+                                           r"lower cluster.cpus_per_actor .*sbatch --cpus-per-task"):
+        cluster.place(cfg, timeout_s=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_join_that_does_not_finish_names_who(ray_session):
     import ray
 
