@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.medvlm-installed
 
-.PHONY: setup demo compare test test-fast lint bench clean-venv
+.PHONY: setup setup-gpu demo compare test test-fast lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,22 @@ $(STAMP): pyproject.toml tools/torchvision_repair.py
 	echo "import _medvlm_torchvision_repair; _medvlm_torchvision_repair.install()" > "$$site/medvlm_torchvision_repair.pth"
 	$(PY) -c "import torchvision, vllm, deepspeed, ray; from transformers import Qwen2VLProcessor; print('environment ready')"
 	touch $(STAMP)
+
+# The GPU profile (real runs; Python 3.12, NVIDIA driver 580 or newer for the CUDA 13.0 wheels) in a venv of its own,
+# which slurm/train_8gpu.sh picks for every job not run with MEDVLM_DEVICE=cpu. On a machine without a GPU it stops
+# at once with one line; build it on a GPU node (or in docker/Dockerfile).
+GPU_VENV := .venv-gpu
+MIN_DRIVER := 580
+GPU_DRIVER = $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+setup-gpu:
+	$(if $(GPU_DRIVER),,$(error make setup-gpu: no NVIDIA driver on this machine (nvidia-smi finds no GPU); run it on a GPU node, or make setup for the CPU profile))
+	$(if $(shell [ "$(firstword $(subst ., ,$(GPU_DRIVER)))" -ge $(MIN_DRIVER) ] && echo new),,$(error make setup-gpu: NVIDIA driver $(GPU_DRIVER) is older than the $(MIN_DRIVER) that the CUDA 13.0 wheels need; load or install a newer one))
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q -e ".[gpu,dev]"
+	# The checks the Docker image runs at build time: a CUDA 13 torch, every import of the run, libnccl for vLLM.
+	CUDA_VERSION=13.0 $(GPU_VENV)/bin/python docker/check_image.py
+	$(GPU_VENV)/bin/medvlm-r1 check configs/medvlm_r1_2b.yaml
 
 demo: setup
 	$(VENV)/bin/medvlm-r1 train configs/tiny_cpu.yaml

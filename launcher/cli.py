@@ -1,4 +1,4 @@
-"""`medvlm-r1`: train, sft, eval, report, make-tiny-model."""
+"""`medvlm-r1`: train, sft, eval, report, make-tiny-model, check."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,16 @@ def _cmd_sft(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print_summary(run_sft(cfg))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    """The config loads, and this node has what its profile needs (slurm/train_8gpu.sh runs it before Ray)."""
+    from protocol.profile import check_gpu_node
+
+    cfg = load_config(args.config, args.overrides)
+    found = check_gpu_node("this node") if cfg.cluster.device == "gpu" else "cpu profile"
+    print(f"medvlm-r1: check: {args.config} loads; {found}")
     return 0
 
 
@@ -118,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML config with an sft section, e.g. configs/tiny_cpu_sft.yaml")
     s.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. sft.target=letter)")
     s.set_defaults(func=_cmd_sft)
+    c = sub.add_parser("check", parents=[common],
+                       help="load a config and check this node can run its profile (a GPU run: CUDA torch, GPU, driver)")
+    c.add_argument("config", help="YAML config, e.g. configs/medvlm_r1_2b.yaml")
+    c.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    c.set_defaults(func=_cmd_check)
     m = sub.add_parser("make-tiny-model", parents=[common],
                        help="build the tiny random Qwen2-VL checkpoint used by tests and the demo, or with "
                             "--like one with a published model's config")

@@ -27,7 +27,8 @@
 # Environment (all optional):
 #   MEDVLM_DEVICE              cpu | gpu: passed as cluster.device=...; cpu also gives Ray no GPUs
 #   MEDVLM_ROOT                the repository (default: the folder sbatch was called from)
-#   MEDVLM_PYTHON              the Python to use (default: <root>/.venv/bin/python, else python3 on PATH)
+#   MEDVLM_PYTHON              the Python to use (default: <root>/.venv-gpu/bin/python from make setup-gpu unless
+#                              MEDVLM_DEVICE=cpu, else <root>/.venv/bin/python from make setup, else python3 on PATH)
 #   MEDVLM_RAY_PORT            GCS port of the Ray head (default 6379)
 #   MEDVLM_RAY_DASHBOARD_PORT  dashboard and job-submission port of the head (default 8265)
 #   MEDVLM_RAY_HEAD_IP         address the other nodes use to reach the head (default: resolved on it)
@@ -63,6 +64,8 @@ cd "$ROOT" || die "cannot enter $ROOT"
 [[ -d launcher ]] || die "$ROOT is not the medvlm-r1 repository: submit from its root or set MEDVLM_ROOT"
 if [[ -n ${MEDVLM_PYTHON:-} ]]; then
   PY=$MEDVLM_PYTHON
+elif [[ ${MEDVLM_DEVICE:-} != cpu && -x $ROOT/.venv-gpu/bin/python ]]; then
+  PY=$ROOT/.venv-gpu/bin/python  # make setup-gpu
 elif [[ -x $ROOT/.venv/bin/python ]]; then
   PY=$ROOT/.venv/bin/python
 else
@@ -93,6 +96,13 @@ GPU_ARGS=()
 if [[ -n $DEVICE ]]; then
   OVERRIDES=("cluster.device=$DEVICE" "${OVERRIDES[@]}")
   [[ $DEVICE == cpu ]] && GPU_ARGS=(--num-gpus=0)
+fi
+
+# Before Ray starts, in seconds: the config loads, and a GPU run finds a CUDA torch, a GPU and a new enough
+# NVIDIA driver on this node. The check prints the one line that says what to install or load.
+if ! "$PY" -m launcher.cli check "$CONFIG" "${OVERRIDES[@]}" "$@"; then
+  echo 2 >"$LOG_DIR/exit_code"
+  exit 2
 fi
 
 # Slurm steps: one task per node holding all of the node's CPUs (and GPUs) for Ray.

@@ -1,6 +1,7 @@
 """Start-up checks of the GPU profile, run on CPU: a CPU-only torch under cluster.device=gpu, a disabled
 NCCL communicator (vLLM's real one, built here where libnccl cannot load), the sync backend rules, and the
 two ports of a run."""
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +27,29 @@ def test_gpu_run_on_cpu_torch_is_one_clear_line_from_the_cli(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("medvlm-r1: driver: cluster.device=gpu, but torch ") and "CPU-only build" in last, last
     assert "pip install -e '.[gpu]'" in last and "Traceback" not in res.stderr
+
+
+def test_check_command_names_what_a_gpu_run_lacks_here_in_one_line():
+    """`medvlm-r1 check`, which slurm/train_8gpu.sh runs before it starts Ray."""
+    run = lambda *args: subprocess.run([sys.executable, "-m", "launcher", "check", *args], cwd=REPO,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    gpu = run("configs/medvlm_r1_2b.yaml")
+    assert gpu.returncode == 2 and len(gpu.stderr.strip().splitlines()) == 1, gpu.stderr[-2000:]
+    assert gpu.stderr.startswith("medvlm-r1: this node: cluster.device=gpu, but torch ") and "CPU-only" in gpu.stderr
+    assert "make setup-gpu" in gpu.stderr
+    cpu = run("configs/tiny_cpu.yaml")
+    assert (cpu.returncode, cpu.stdout.strip()) == (0, "medvlm-r1: check: configs/tiny_cpu.yaml loads; cpu profile")
+    typo = run("configs/tiny_cpu.yaml", "learner.lrr=1")
+    assert typo.returncode == 2 and "did you mean 'learner.lr'?" in typo.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver")
+def test_make_setup_gpu_without_a_gpu_stops_at_once_with_one_line(tmp_path):
+    res = subprocess.run(["make", "-s", "setup-gpu", "GPU_VENV=" + str(tmp_path / "venv")], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "make setup-gpu: no NVIDIA driver on this machine" in res.stderr
+    assert not (tmp_path / "venv").exists() and res.stdout == ""
 
 
 def test_actors_refuse_a_gpu_profile_on_cpu_torch(tiny_model_dir):

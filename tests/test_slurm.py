@@ -97,14 +97,14 @@ def _is_zombie(pid: int) -> bool:
 class Job:
     """One submission of the script with its own Ray ports and Ray temp dir."""
 
-    def __init__(self, slurm: SlurmCluster, tmp: Path, overrides: list[str], nodes: int = 1):
+    def __init__(self, slurm: SlurmCluster, tmp: Path, overrides: list[str], nodes: int = 1, device: str = "cpu"):
         self.slurm, self.tmp = slurm, tmp
         self.run_dir = tmp / "run"
         self.out = tmp / "job.out"
         self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
         gcs, dash, head_flags, worker_flags = ray_port_args()
         env = {k: v for k, v in slurm.env.items() if not k.startswith(("MEDVLM_", "RAY_"))}
-        env.update(MEDVLM_DEVICE="cpu", MEDVLM_RAY_PORT=str(gcs), MEDVLM_RAY_DASHBOARD_PORT=str(dash),
+        env.update(MEDVLM_DEVICE=device, MEDVLM_RAY_PORT=str(gcs), MEDVLM_RAY_DASHBOARD_PORT=str(dash),
                    MEDVLM_RAY_START_ARGS=f"--temp-dir={self.ray_tmp}", MEDVLM_RAY_HEAD_ARGS=" ".join(head_flags),
                    MEDVLM_RAY_WORKER_ARGS=" ".join(worker_flags), WANDB_MODE="offline", VLLM_CPU_KVCACHE_SPACE="1")
         res = slurm.run(["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2",
@@ -171,14 +171,37 @@ def test_sbatch_trains_on_two_nodes_and_stops_ray(slurm, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_failing_driver_fails_the_job_and_stops_ray(slurm, tmp_path):
-    job = Job(slurm, tmp_path, ["train.stepz=2"])
+    # Two actors of 2 CPUs each on a node whose Ray has 2: the driver's placement names the shortfall at once.
+    job = Job(slurm, tmp_path, ["cluster.cpus_per_actor=2"])
     state = job.wait(timeout=300)
+    log = job.log()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "1:0", f"{state}\n{log}"
+    assert job.exit_code_file() == "1"
+    assert "1 learner and 1 rollout bundles need 4 CPUs, the Ray cluster has 2" in log, log
+    assert state["NodeList"] == "node1" and "1 Ray node(s) up" in log
+    job.assert_ray_stopped(["node1"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("device,overrides,reason", [
+    ("gpu", [], "cluster.device=gpu, but torch 2.13.0+cpu is a CPU-only build"),
+    ("cpu", ["train.stepz=2"], "unknown config key 'train.stepz' (on the command line); did you mean 'train.steps'?"),
+])
+def test_a_job_that_cannot_run_stops_before_ray_starts(slurm, tmp_path, device, overrides, reason):
+    """`medvlm-r1 check` before `ray start`: a GPU job on the CPU profile's torch (a user who ran make setup,
+    not make setup-gpu) or a config that does not load ends in seconds, with the one line that says why."""
+    job = Job(slurm, tmp_path, overrides, device=device)
+    state = job.wait(timeout=120)
     log = job.log()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", f"{state}\n{log}"
     assert job.exit_code_file() == "2"
-    assert "unknown config key 'train.stepz'" in log and "train.steps" in log
-    assert state["NodeList"] == "node1" and "1 Ray node(s) up" in log
-    job.assert_ray_stopped(["node1"])
+    said = [line for line in log.splitlines() if line.startswith("medvlm-r1:")]
+    assert len(said) == 1 and reason in said[0], log
+    assert device == "cpu" or "make setup-gpu" in said[0]
+    run_time = sum(int(x) * 60 ** i for i, x in enumerate(reversed(state["RunTime"].split(":"))))
+    assert run_time < 60, state["RunTime"]
+    assert "ray start" not in log and not list((job.run_dir / "slurm").glob("ray-*.log")), log
 
 
 @pytest.mark.slow
