@@ -54,7 +54,9 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 512  # completion length cap; longer samples are marked "length"
     max_model_len: int = 2048  # vLLM context length (prompt + completion)
-    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (GPU profile); colocated, the learner has the rest
+    gpu_memory_utilization: Optional[float] = None  # share of GPU memory vLLM may take (GPU profile); colocated, the
+    #                                                  learner has the rest; None: rollout_workers.engine.GPU_MEMORY_SHARE
+    #                                                  (0.9 with GPUs of its own, 0.4 colocated)
     kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
     timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
@@ -295,7 +297,7 @@ def validate(cfg: Config) -> None:
     _one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
     _one_of(cfg.cluster.device, DEVICES, "cluster.device")
     _one_of(cfg.cluster.sync_backend, SYNC_BACKENDS, "cluster.sync_backend")
-    _check(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
+    _check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1), got {r.gpu_memory_utilization}")
     _check_colocation(cfg)
     _one_of(cfg.data.source, ("synthetic",) + tuple(SOURCES), "data.source")

@@ -22,6 +22,26 @@ STEP_KEYS = (
 SFT_STEP_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "num_tokens", "time/step_s", "throughput/tokens_per_s")
 
 
+# Mean |learner - engine| log-prob per token of a batch sampled with the learner's own weights, above which more
+# than kernel rounding differs. fp32 on CPU stays near 1e-5 (tests/test_learning_run.py); bf16 keeps 8 bits.
+LOGPROB_AGREEMENT = {"fp32": 1e-3, "bf16": 1e-2, "fp16": 1e-2}
+
+
+def logprob_mismatch(row: dict, precision: str) -> Optional[str]:
+    """A warning for a step whose batch was sampled after a sync with the very weights the learner then held
+    (no staleness), when the two sides' log-probs of its tokens differ by more than the precision explains."""
+    if row.get("staleness/max") != 0 or row.get("rollout_weight_version", 0) < 1:
+        return None
+    diff, limit = row.get("logprob_diff/mean_abs"), LOGPROB_AGREEMENT[precision]
+    if diff is None or diff <= limit:
+        return None
+    return (f"step {row['step']}: the engine's log-probs differ from the learner's by {diff:.2g} per token on the same "
+            f"weights (version {row['rollout_weight_version']}; {precision} agrees within {limit:g}). Likely causes: "
+            "a tensor that did not reach the engine (a tied or renamed weight), other image preprocessing on the two "
+            "sides (min/max_pixels), or the engine's sampler and kernels (on GPU vLLM's V2 model runner; "
+            "VLLM_USE_V2_MODEL_RUNNER=0 selects V1). Shown once per run.")
+
+
 def _clean(value):
     """JSON has no NaN/inf; write them as null so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -13,7 +13,7 @@ from launcher.actor_group import ActorFailure
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
-from launcher.metrics import MetricsSink, read_rows
+from launcher.metrics import MetricsSink, logprob_mismatch, read_rows
 from launcher.overlap import RolloutQueue
 from launcher.report import load_evaluations
 
@@ -101,6 +101,7 @@ class Run:
     last_checkpoint: Optional[Path] = None
     rollouts: RolloutQueue = dataclasses.field(init=False)  # batches sent ahead of training (launcher/overlap.py)
     started: float = 0.0  # perf_counter when this process's GRPO steps began
+    warned_mismatch: bool = False  # a learner/engine log-prob mismatch was reported (once per run)
 
     def __post_init__(self):
         self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)
@@ -129,6 +130,9 @@ class Run:
         row, batch, records = _step(cfg, self.actors, self.rollouts, step, self.version)
         self.version = row["weight_version"]
         row["time/elapsed_s"] = time.perf_counter() - self.started
+        if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision)):
+            log.warning(warning)
+            self.warned_mismatch = True
         self.history.append(row)
         self.sink.log_step(row)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):

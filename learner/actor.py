@@ -126,12 +126,15 @@ class LearnerRank:
         batch.check_records(records)
         plan = self._plan(batch, records)
         metrics = run_train_step(self.engine, self.reference, plan, self.cfg, self.world_size)
-        if self.cfg.cluster.colocate and self.device.type == "cuda":
-            # Activations stay cached by torch's allocator otherwise; the engine beside this rank
-            # needs that memory back for its KV cache.
-            torch.cuda.empty_cache()
+        self._release_cached_memory()
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
+
+    def _release_cached_memory(self) -> None:
+        if self.cfg.cluster.colocate and self.device.type == "cuda":
+            # Activations and gathered weights stay cached by torch's allocator otherwise; the engine beside
+            # this rank needs that memory back for its KV cache.
+            torch.cuda.empty_cache()
 
     def _plan(self, batch: RolloutBatch, records: list[MedVQARecord]) -> StepPlan:
         if batch.num_samples == 0:
@@ -256,6 +259,7 @@ class LearnerRank:
         The driver calls it on all ranks while the rollout workers receive."""
         if self.sync_backend == "ipc":  # every rank sends, to the engine on its own GPU
             self.weight_sender.send(version)
+            self._release_cached_memory()  # the packed buffers of the update
             return
         pairs = self.named_parameters_for_sync()
         if self.rank != 0:

@@ -48,8 +48,13 @@ class WeightSender:
             # PyNccl), the counterpart of what its `nccl` engine does in the workers.
             from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
+            # vLLM's communicator makes a stream of its own current for this thread on its first use
+            # (vllm.utils.torch_utils.current_stream); DeepSpeed's fp16 overflow check and the rest of the
+            # step wait on the stream the learner ran on, so that one is made current again after the join.
+            stream = torch.cuda.current_stream()
             self._group = trainer_init({"master_address": master_addr, "master_port": int(master_port),
                                         "world_size": world_size})
+            torch.cuda.set_stream(stream)
             wu.require_live_communicator(self._group, "learner rank 0")
         else:
             raise wu.WeightSyncError(f"unknown weight sync backend {backend!r} for WeightSender (gloo or nccl; "

@@ -36,6 +36,28 @@ def sleeps(cfg: Config) -> bool:
     return cfg.cluster.colocate and cfg.cluster.device == "gpu"
 
 
+# rollout.gpu_memory_utilization when left unset: an engine with GPUs of its own takes most of them; one that shares
+# its GPU with a learner rank (cluster.colocate) leaves the rank the larger part (weights, optimizer, activations).
+GPU_MEMORY_SHARE = {"own GPUs": 0.9, "colocated": 0.4}
+
+
+def gpu_memory_share(cfg: Config) -> float:
+    r = cfg.rollout
+    if r.gpu_memory_utilization is not None:
+        return r.gpu_memory_utilization
+    return GPU_MEMORY_SHARE["colocated" if cfg.cluster.colocate else "own GPUs"]
+
+
+def model_runner(llm, cfg: Config) -> str:
+    """On GPU, which of vLLM's model runners samples (its V2 runner, vLLM 0.32's choice, is one the CPU tests
+    never run), for the engine's start-up line."""
+    if cfg.cluster.device != "gpu":
+        return ""
+    v2 = getattr(llm.llm_engine.vllm_config, "use_v2_model_runner", None)
+    other = "VLLM_USE_V2_MODEL_RUNNER=0 selects V1" if v2 else "VLLM_USE_V2_MODEL_RUNNER=1 selects V2"
+    return f"; vLLM model runner {'V2' if v2 else 'V1'}, {other}"
+
+
 def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
     """Keyword arguments of `vllm.LLM` for one rollout engine."""
     r, gpu = cfg.rollout, cfg.cluster.device == "gpu"
@@ -55,7 +77,7 @@ def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
         disable_log_stats=True,
     )
     if gpu:
-        kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+        kwargs["gpu_memory_utilization"] = gpu_memory_share(cfg)
         kwargs["enable_sleep_mode"] = sleeps(cfg)
     else:
         # A prompt prefilled in chunks makes vLLM rewind its seeded generator for the discarded sample,

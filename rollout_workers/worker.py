@@ -56,8 +56,8 @@ class RolloutWorker:
         self.llm = self._guard("start-up", lambda: _new_llm(eng.engine_kwargs(cfg, model_path, worker_index)))
         eng.watch_engine(self.llm)
         eng.quiet_in_process_engine(cfg)
-        log.info("rollout worker %d: engine up in %.1f s (%s, weight sync over %s)", worker_index,
-                 time.perf_counter() - start, eng.engine_dtype(cfg), self.backend)
+        log.info("rollout worker %d: engine up in %.1f s (%s, weight sync over %s%s)", worker_index,
+                 time.perf_counter() - start, eng.engine_dtype(cfg), self.backend, eng.model_runner(self.llm, cfg))
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, records: Sequence[MedVQARecord], seed: int) -> RolloutBatch:

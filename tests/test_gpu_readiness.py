@@ -165,3 +165,29 @@ def test_learner_and_sync_ports_never_collide(master_port, drawn, expected):
     assert (learner, sync) == expected and learner != sync
     with pytest.raises(ValueError, match="distinct"):
         cluster.group_ports(cfg, [40001, 40001])
+
+
+# ---- defaults and warnings that only a GPU run meets --------------------------------------------------
+
+@pytest.mark.parametrize("overrides,share", [([], 0.9), (["cluster.colocate=true"], 0.4),
+                                             (["cluster.colocate=true", "rollout.gpu_memory_utilization=0.3"], 0.3)])
+def test_engine_memory_share_follows_the_layout_unless_set(overrides, share):
+    from rollout_workers.engine import gpu_memory_share
+
+    cfg = load_config("configs/medvlm_r1_2b.yaml", ["learner.num_ranks=4", "rollout.num_workers=4", *overrides])
+    assert cfg.rollout.gpu_memory_utilization == (share if overrides[1:] else None)
+    assert gpu_memory_share(cfg) == share
+
+
+def test_logprob_mismatch_is_reported_for_an_in_sync_batch_beyond_its_precision():
+    from launcher.metrics import logprob_mismatch
+
+    row = {"step": 7, "staleness/max": 0, "rollout_weight_version": 3, "logprob_diff/mean_abs": 0.06}
+    warning = logprob_mismatch(row, "fp32")
+    assert warning.startswith("step 7: the engine's log-probs differ from the learner's by 0.06 per token")
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in warning and "tied" in warning
+    small = {**row, "logprob_diff/mean_abs": 0.005}
+    assert logprob_mismatch(small, "bf16") is None and logprob_mismatch(small, "fp32") is not None
+    # A batch sampled before the last update, or with the starting checkpoint, says nothing about the sync.
+    assert logprob_mismatch({**row, "staleness/max": 1}, "fp32") is None
+    assert logprob_mismatch({**row, "rollout_weight_version": 0}, "fp32") is None
