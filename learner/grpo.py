@@ -75,15 +75,23 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     return torch.stack(rows)
 
 
+# Positions per slice in entropy_from_logits: its temporaries are a few [slice, V] copies, not [T, V] ones
+# (at the paper's 151,936-row vocabulary and 900 positions, 0.5 GB each in float32).
+ENTROPY_SLICE = 128
+
+
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of softmax(logits / temperature) at each position, [B, T] (dtype as token_logprobs).
 
-    H = logsumexp(z) - sum softmax(z) * z, one sequence at a time as in token_logprobs.
+    H = logsumexp(z) - sum softmax(z) * z, ENTROPY_SLICE positions of one sequence at a time.
     """
     rows = []
     for row_logits in logits:
-        row = _upcast(row_logits) / temperature if temperature != 1.0 else _upcast(row_logits)
-        rows.append(torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(dim=-1))
+        parts = []
+        for part in torch.split(row_logits, ENTROPY_SLICE):
+            z = _upcast(part) / temperature if temperature != 1.0 else _upcast(part)
+            parts.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
+        rows.append(torch.cat(parts))
     return torch.stack(rows)
 
 
