@@ -33,6 +33,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.logger import init_logger
 
 from protocol import weight_update as wu
+from rollout_workers.vllm_plugin import RELOAD_LOGGER
 
 BACKEND = "gloo"
 logger = init_logger(__name__)
@@ -77,7 +78,6 @@ def reload_roots(model, names) -> list:
 # What vLLM's reload says, once per update, of a head that shares the embedding's weight and so gets
 # nothing under its own name (it follows the embedding instead).
 _TIED_HEAD_WARNING = "ParallelLMHead: Failed to load weights"
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 def tied_heads(model) -> list:
@@ -104,7 +104,7 @@ class _TiedHeadWarningFilter(logging.Filter):
 def _tied_head_warning_expected(expected: bool):
     """Drops vLLM's per-update warning for a tied head while a reload finishes; only a model with a tied
     head is quieted, so a head that really failed to load on an untied model still warns."""
-    log, quiet = logging.getLogger(_RELOAD_LOGGER), _TiedHeadWarningFilter()
+    log, quiet = logging.getLogger(RELOAD_LOGGER), _TiedHeadWarningFilter()
     if expected:
         log.addFilter(quiet)
     try:

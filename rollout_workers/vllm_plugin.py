@@ -14,7 +14,7 @@ GLOO_BACKEND = "gloo"
 # the processor), never checkpoint weights: vLLM's reload path warns on every update that none
 # arrived for them, which is expected.
 _WEIGHTLESS_LAYERS = ("RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm")
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 ENTRY_POINT = "medvlm_gloo_weight_transfer"  # its name in pyproject.toml
 
 
@@ -28,7 +28,7 @@ def register() -> None:
     """Idempotent: vLLM may load plugins more than once per process."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    reload_log = logging.getLogger(_RELOAD_LOGGER)
+    reload_log = logging.getLogger(RELOAD_LOGGER)
     if not any(isinstance(f, _WeightlessLayerFilter) for f in reload_log.filters):
         reload_log.addFilter(_WeightlessLayerFilter())
 
