@@ -84,6 +84,11 @@ class Calls:
             return ray.get(fut)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
             return self._failure(ActorDiedError, i, f"died while {doing}: {exc}")
+        except (ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.NodeDiedError) as exc:
+            # Ray's memory monitor, a crashed worker process or a lost node: the actor's process is gone
+            # all the same, so it is replaced (or the run stops) like any dead actor.
+            return self._failure(ActorDiedError, i, f"died while {doing} ({type(exc).__name__}): {exc}")
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             return self._failure(ActorCallError, i, f"failed while {doing}: {type(cause).__name__}: {cause}")
