@@ -65,7 +65,7 @@ def machine_line() -> str:
     another machine (float sums in another order) then says which machine it was."""
     import platform
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = None, set()
     try:
         for line in open("/proc/cpuinfo"):
             key, _, value = line.partition(":")
@@ -78,6 +78,7 @@ def machine_line() -> str:
     except OSError:
         pass
     have = [f for f in VECTOR_FLAGS if f in flags]
+    model = model or platform.processor() or platform.machine()
     return f"cpu: {model}, {os.cpu_count()} cores, vector extensions: {' '.join(have) or 'none found'}"
 
 
