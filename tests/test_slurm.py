@@ -260,19 +260,25 @@ def test_usr1_checkpoints_requeues_and_the_resumed_job_finishes(slurm, tmp_path)
     assert _metric_steps(job.run_dir), f"no step was logged:\n{job.log()}"
     assert slurm.run(["scancel", "--signal=USR1", "--batch", job.id]).returncode == 0
     signalled = time.monotonic()
-    state, seen, released = {}, set(), ""
+    state, seen, released, requeued = {}, set(), "", 0.0
     while time.monotonic() < signalled + 900:
         state = slurm.job_state(job.id) or {}
         seen.add(state.get("JobState"))
         if state.get("JobState") == "PENDING" and state.get("Restarts") == "1" and not released:
-            # Slurm holds a requeued job back (Reason=BeginTime, about 3 minutes here): let it start now.
-            released = f"{state.get('Reason')} {state.get('StartTime')}"
-            assert slurm.scontrol("update", f"JobId={job.id}", "StartTime=now").returncode == 0
+            requeued = requeued or time.monotonic()
+            # Slurm holds a requeued job back (Reason=BeginTime, its credential lifetime of 120 s) so that
+            # the relaunch's credential postdates the revocation of the old one: let it start sooner, but
+            # not within seconds of the requeue (slurmd refuses a credential no newer than the revocation,
+            # "already killed, do not launch batch job", and the job FAILs with no output).
+            if time.monotonic() - requeued >= 10:
+                released = f"{state.get('Reason')} {state.get('StartTime')}"
+                assert slurm.scontrol("update", f"JobId={job.id}", "StartTime=now").returncode == 0
         if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
             break
         time.sleep(1)
     log = job.log()
-    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", f"{state}\n{log}"
+    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", \
+        f"{state}\nreleased: {released}\n{log}\n{slurm.daemon_logs()}"
     assert "received SIGUSR1" in log and "requeueing job" in log and "resuming from" in log, log
     assert _metric_steps(job.run_dir) == [1, 2, 3, 4, 5, 6], log
     assert (job.run_dir / "checkpoints" / "latest").read_text() == "step-000006"
