@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -55,13 +56,22 @@ class Calls:
 
     def settle(self, doing: str, timeout_s: Optional[float] = None, fail_fast: bool = False) -> list:
         """Each call's result, or its `ActorFailure` in its place (raised instead when `fail_fast`).
-        Calls still running at the deadline become `ActorTimeoutError`s; they are not cancelled."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        Calls still running at the deadline become `ActorTimeoutError`s; they are not cancelled. Calls
+        still running after `heartbeat_s(timeout_s)` are named in one warning before that."""
+        start = time.monotonic()
+        deadline = math.inf if timeout_s is None else start + timeout_s
+        warn_at = start + heartbeat_s(timeout_s)
         pending, results = {f: i for i, f in enumerate(self.futures)}, [None] * len(self.futures)
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not done:
+            now = time.monotonic()
+            if warn_at <= now < deadline:
+                names = ", ".join(f"{self.kinds[i]} {self.indices[i]}" for i in sorted(pending.values()))
+                until = "" if timeout_s is None else f"; its deadline ({timeout_s:.0f} s) ends them in {deadline - now:.0f} s"
+                log.warning("still %s after %.0f s, waiting for: %s%s", doing, now - start, names, until)
+                warn_at = math.inf
+            wait = max(0.0, min(deadline, warn_at) - now)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=None if wait == math.inf else wait)
+            if not done and time.monotonic() >= deadline:
                 for f, i in pending.items():
                     results[i] = self._failure(ActorTimeoutError, i, f"did not finish {doing} within {timeout_s:.0f} s")
                 break
@@ -92,6 +102,15 @@ class Calls:
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             return self._failure(ActorCallError, i, f"failed while {doing}: {type(cause).__name__}: {cause}")
+
+
+HEARTBEAT_S = 300.0  # a call outstanding this long is named in the log, whatever its deadline
+
+
+def heartbeat_s(timeout_s: Optional[float]) -> float:
+    """When calls still outstanding are named in a warning: at HEARTBEAT_S, or halfway to the deadline if
+    that comes sooner, so the warning always precedes the deadline."""
+    return HEARTBEAT_S if timeout_s is None else min(HEARTBEAT_S, timeout_s / 2)
 
 
 class ActorGroup:

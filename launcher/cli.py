@@ -238,37 +238,12 @@ def _shutdown_ray() -> bool:
         # A node half started when a signal cut ray.init short is not "initialized", yet has processes.
         elif ray.is_initialized() or getattr(ray._private.worker, "_global_node", None) is not None:
             ray.shutdown(wait_for_processes=True)
-        _stop_ray_descendants()
+        from launcher.cluster import stop_ray_descendants
+
+        stop_ray_descendants()
     except BaseException as exc:  # a second Ctrl-C during clean-up must not end in a traceback
         print(f"medvlm-r1: Ray shutdown incomplete: {_one_line(exc)}", file=sys.stderr)
     return connected
-
-
-def _stop_ray_descendants(timeout_s: float = 10) -> None:
-    """Ray processes started by this one that ray.shutdown left: when a signal interrupts ray.init, Ray's
-    exit handler kills its raylet but not the agents the raylet started. (A joined cluster's processes
-    are not descendants of the driver and are left alone.)"""
-    import psutil
-
-    def is_ray(p) -> bool:
-        try:
-            return p.name().startswith(("ray::", "raylet", "gcs_server", "VLLM::")) or \
-                any("/ray/" in part for part in p.cmdline())  # the ray package, a session dir
-        except psutil.Error:
-            return False
-
-    procs = [p for p in psutil.Process().children(recursive=True) if is_ray(p)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 def main(argv=None) -> int:

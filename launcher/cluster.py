@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 from typing import Optional
 
 import ray
@@ -50,16 +51,48 @@ def start_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
-def gcs_reachable(timeout_s: float = 2.0) -> bool:
-    """Whether this Ray cluster's GCS still accepts connections. After a scancel or a time limit has
-    stopped the Ray nodes, every Ray call (killing an actor, removing a placement group) would wait a
-    minute or more for a GCS that is not coming back."""
+def gcs_reachable(timeout_s: float = 2.0, address: Optional[str] = None) -> bool:
+    """Whether this Ray cluster's GCS (at `address`, else the connected one's) still accepts connections.
+    After a scancel or a time limit has stopped the Ray nodes, every Ray call (killing an actor, removing
+    a placement group) would wait a minute or more for a GCS that is not coming back."""
     try:
-        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        host, port = (address or ray.get_runtime_context().gcs_address).rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return True
     except (OSError, ValueError, AttributeError):
         return False
+
+
+class GcsWatch:
+    """A daemon thread that checks every `period_s` that the Ray cluster's GCS still accepts connections,
+    and calls `on_lost(seconds)` once it has not for `grace_s` (the head was killed, its node died). Ray's
+    own client would end the process a minute later with a fatal line of its internal log; the caller
+    ends it sooner, with a line of its own. `stop()` before a deliberate shutdown."""
+
+    def __init__(self, on_lost, period_s: float = 2.0, grace_s: float = 20.0):
+        import threading
+
+        self.on_lost, self.period_s, self.grace_s = on_lost, period_s, grace_s
+        self.address = ray.get_runtime_context().gcs_address
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gcs-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        import time
+
+        lost_since = None
+        while not self._stopped.wait(self.period_s):
+            if gcs_reachable(address=self.address):
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= self.grace_s and not self._stopped.is_set():
+                self.on_lost(time.monotonic() - lost_since)
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 COLOCATED_GPU_SHARE = 0.5
@@ -275,3 +308,40 @@ def start_colocated(cfg: Config, placement: Placement, model_path: str, addr: st
     learners = start_learners(cfg, placement, model_path, addr, port)
     wait_started([learners])
     return learners, workers
+
+
+def exit_now(code: int) -> None:
+    """End the process from any thread once the Ray cluster is gone: stop this process's own Ray
+    processes and skip Ray's exit handler (it would wait for the gone GCS)."""
+    stop_ray_descendants()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def stop_ray_descendants(timeout_s: float = 10) -> None:
+    """Ray processes started by this one that ray.shutdown left: when a signal interrupts ray.init, Ray's
+    exit handler kills its raylet but not the agents the raylet started. (A joined cluster's processes
+    are not descendants of the driver and are left alone.)"""
+    import psutil
+
+    def is_ray(p) -> bool:
+        try:
+            return p.name().startswith(("ray::", "raylet", "gcs_server", "VLLM::")) or \
+                any("/ray/" in part for part in p.cmdline())  # the ray package, a session dir
+        except psutil.Error:
+            return False
+
+    procs = [p for p in psutil.Process().children(recursive=True) if is_ray(p)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass

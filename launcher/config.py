@@ -81,6 +81,8 @@ class LearnerConfig:
     sync_every: int = 1  # push weights to the rollout workers every k optimiser steps
     offload_optimizer: bool = False  # ZeRO optimizer state offload to CPU memory
     zero3_persistence_threshold: int = 100000  # ZeRO-3 leaves smaller parameters whole on every rank; 0 splits all
+    timeout_s: float = 0.0  # deadline of one train, weight-push, save or load call (0: derived from the work); a
+    #                         rank past it is named, its stack written to <run>/faults/, and the run stops
 
 
 @dataclass
@@ -93,6 +95,10 @@ class GRPOConfig:
     eps: float = 1e-4  # added to the group std, as in the paper's trainer
     tis_cap: float = 2.0  # each token's policy loss is weighted by min(pi_old / pi_sample, tis_cap), pi_sample
     #                       being the rollout engine's log-prob of the token (truncated importance sampling); 0: off
+    policy_loss: str = "ppo_clip"  # the policy term (learner.grpo.POLICY_LOSSES): ppo_clip (PPO's clipped ratio per
+    #                       token) | gspo (one ratio per sequence; needs loss_agg seq_mean_token_mean; its paper clips
+    #                       at clip_low 3e-4, clip_high 4e-4: set them, the 0.2 defaults seldom bind) | cispo (the
+    #                       clipped ratio as a weight without gradient; MiniMax-M1: no lower bound, clip_low >= 1)
 
 
 @dataclass
@@ -262,7 +268,7 @@ def validate(cfg: Config) -> None:
     """Reject values that cannot run, naming the key. Each set of allowed values is read from the
     module that implements it."""
     from learner.ds_config import LR_SCHEDULES, ZERO_STAGES
-    from learner.grpo import LOSS_AGGREGATIONS
+    from learner.grpo import LOSS_AGGREGATIONS, POLICY_LOSSES, policy_loss_conflict
     from medvqa.loaders import SOURCES
     from protocol.choices import DEVICES, PRECISIONS
     from protocol.weight_update import SYNC_BACKENDS
@@ -295,6 +301,9 @@ def validate(cfg: Config) -> None:
     _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")
     _check(g.tis_cap == 0 or g.tis_cap >= 1, "grpo.tis_cap", f"must be 0 (off) or at least 1, got {g.tis_cap}")
     _one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
+    _one_of(g.policy_loss, POLICY_LOSSES, "grpo.policy_loss")
+    conflict = policy_loss_conflict(g.policy_loss, g.loss_agg)
+    _check(conflict is None, "grpo.policy_loss", str(conflict))
     _one_of(cfg.cluster.device, DEVICES, "cluster.device")
     _one_of(cfg.cluster.sync_backend, SYNC_BACKENDS, "cluster.sync_backend")
     _check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import ray
 
-from launcher import cluster, stops
+from launcher import cluster, faults, stops
 from launcher.actor_group import ActorDiedError, ActorFailure, ActorGroup, ActorTimeoutError, Calls
 from launcher.config import Config
 from medvqa.record import MedVQARecord
@@ -38,6 +38,8 @@ class Actors:
     version: int = 0  # the weight version the rollout workers hold
     restarts: int = 0  # rollout workers replaced so far
     update_meta: Optional[dict] = None  # the weight-update description, fetched from rank 0 once
+    learner_pids: list = dataclasses.field(default_factory=list)  # each rank's processes, to read or kill a stuck one
+    faults_dir: Optional[Path] = None  # where a stuck actor's stacks are written (<run>/faults); None: not written
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -94,7 +96,8 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
         # engines can outlast vLLM's 300 s rendezvous): every actor has started before anyone joins.
         cluster.wait_started([learners])
     pids = workers.call("process_ids", doing="starting")
-    actors = Actors(cfg, model_path, learners, workers, placement, pids, learner_port)
+    actors = Actors(cfg, model_path, learners, workers, placement, pids, learner_port,
+                    learner_pids=learners.call("process_ids", doing="starting"))
     join_weight_sync(actors, addr, sync_port)
     return actors
 
@@ -135,6 +138,14 @@ def rollout_timeout(cfg: Config, num_prompts: int) -> float:
         return float(cfg.rollout.timeout_s)
     r = cfg.rollout
     return 300.0 + 0.1 * num_prompts * r.group_size * r.max_new_tokens / r.num_workers
+
+
+def learner_timeout(cfg: Config, samples_per_rank: int = 0) -> float:
+    """The deadline of one call to the learner ranks (train, weight push, save, load): learner.timeout_s,
+    else derived from the work (generous: a stuck rank is caught, a slow one is not)."""
+    if cfg.learner.timeout_s > 0:
+        return float(cfg.learner.timeout_s)
+    return 1800.0 + 0.05 * samples_per_rank * cfg.rollout.max_new_tokens * cfg.learner.mu
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -189,6 +200,15 @@ def collect(actors: Actors, pending: PendingRollout) -> RolloutBatch:
     return batch
 
 
+def greedy_with_recovery(actors: Actors, args: list, doing: str) -> list:
+    """`generate_greedy` on the workers given args (an evaluation's shards); a worker that dies or
+    misses its deadline is replaced (with the current weights) and its shard run again, so the results
+    equal an undisturbed evaluation's."""
+    prompts = max(len(a[0]) for a in args if a)
+    parts = settle_with_recovery(actors, "generate_greedy", args, doing, rollout_timeout(actors.cfg, prompts))
+    return [parts[i] for i in sorted(parts)]
+
+
 def shard_for_rank(batch: RolloutBatch, records: list[MedVQARecord], rank: int,
                    world: int) -> tuple[RolloutBatch, list[MedVQARecord]]:
     """Whole groups per rank (prompts rank::world) so each rank computes its own group advantages."""
@@ -200,8 +220,8 @@ def train(actors: Actors, batch: RolloutBatch, records: list[MedVQARecord]) -> d
     if actors.cfg.cluster.colocate:
         free_gpus_for_training(actors)
     world = len(actors.learners)
-    stats = actors.learners.call_each("train_on", [shard_for_rank(batch, records, r, world) for r in range(world)],
-                                      doing="training")
+    calls = actors.learners.submit_each("train_on", [shard_for_rank(batch, records, r, world) for r in range(world)])
+    stats = wait_naming_the_late(calls, "training", learner_timeout(actors.cfg, -(-batch.num_samples // world)))
     # Ranks report their own shard's numbers; the step's value is their mean.
     return {k: sum(s[k] for s in stats) / world for k in stats[0]}
 
@@ -219,7 +239,8 @@ def sync_weights(actors: Actors, version: int, queued_prompts: int = 0) -> int:
     already queued on it (`queued_prompts` prompts of generation sent ahead, which the deadline covers).
     Returns the bytes of one update (only the parameters that train are sent)."""
     if actors.update_meta is None:  # fixed for a model: asked for once per run
-        actors.update_meta = actors.learners.call_one(0, "weight_update_meta", doing="describing the weights")
+        actors.update_meta = actors.learners.call_one(0, "weight_update_meta", doing="describing the weights",
+                                                      timeout_s=learner_timeout(actors.cfg))
     timeout = rollout_timeout(actors.cfg, 0) + (rollout_timeout(actors.cfg, queued_prompts) if queued_prompts else 0)
     sync_with_recovery(actors, version, timeout)
     return WeightUpdateMeta.from_dict(actors.update_meta).total_bytes
@@ -227,7 +248,7 @@ def sync_weights(actors: Actors, version: int, queued_prompts: int = 0) -> int:
 
 def save_policy(actors: Actors, out_dir: Path) -> None:
     """Every rank takes part (ZeRO-3 gathers the parameters); rank 0 writes the HF checkpoint."""
-    actors.learners.call("save", str(out_dir), doing=f"saving {out_dir}")
+    wait_naming_the_late(actors.learners.submit("save", str(out_dir)), f"saving {out_dir}", learner_timeout(actors.cfg))
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict:
@@ -271,11 +292,13 @@ def stop_actors(actors: Actors) -> None:
 
 
 def load_learner_state(actors: Actors, checkpoint_learner_dir: Path) -> None:
-    actors.learners.call("load_state", str(checkpoint_learner_dir), doing=f"loading {checkpoint_learner_dir}")
+    wait_naming_the_late(actors.learners.submit("load_state", str(checkpoint_learner_dir)),
+                         f"loading {checkpoint_learner_dir}", learner_timeout(actors.cfg))
 
 
 def save_learner_state(actors: Actors, out_dir: Path) -> None:
-    actors.learners.call("save_state", str(out_dir), doing=f"saving the training state to {out_dir}")
+    wait_naming_the_late(actors.learners.submit("save_state", str(out_dir)),
+                         f"saving the training state to {out_dir}", learner_timeout(actors.cfg))
 
 
 # ---- surviving a dead or stuck rollout worker ----------------------------------------------------
@@ -312,8 +335,11 @@ def settle_with_recovery(actors: Actors, method: str, args: Sequence[Optional[tu
 
 
 def sync_with_recovery(actors: Actors, version: int, timeout: float) -> None:
-    """Send update `version` to every engine. Workers that fail it are replaced, and the update is sent
-    to all again (the re-formed group needs every member in the broadcast)."""
+    """Send update `version` to every engine. A receiver that fails it (a rollout worker dead, stuck or
+    raising) is replaced, and the update is sent to all again (the re-formed group needs every member in
+    the broadcast). A failure of the sender stops the run naming the learner rank: its own error, its
+    death, or a push still stuck after the receivers it waited on were replaced."""
+    sender_was_late = False
     while True:
         calls = actors.learners.submit("push_weights", version)
         calls += actors.workers.submit("receive_weights", version, actors.update_meta)
@@ -322,11 +348,19 @@ def sync_with_recovery(actors: Actors, version: int, timeout: float) -> None:
         if not failures:
             actors.version = version
             return
-        workers = {r.index: r for r in failures if r.kind == actors.workers.kind}
-        dead_learners = [r for r in failures if r.kind == actors.learners.kind and isinstance(r, ActorDiedError)]
-        if dead_learners or not workers:  # the learner side failed on its own: nothing to replace
-            raise (dead_learners or failures)[0]
-        replace_workers(actors, workers, push_weights=False)
+        receivers = {r.index: r for r in failures if r.kind == actors.workers.kind}
+        senders = [r for r in failures if r.kind == actors.learners.kind]
+        if senders and not any(isinstance(r, ActorDiedError) for r in receivers.values()):
+            # A dead receiver explains a sender's error (its peer went away); nothing else does. When
+            # both sides ran out of time, either may hold the other up: the receivers are replaced once,
+            # and a sender late again with fresh receivers is the stuck one.
+            stuck_together = all(isinstance(r, ActorTimeoutError) for r in senders) and receivers
+            if not stuck_together or sender_was_late or any(isinstance(r, ActorDiedError) for r in senders):
+                raise senders[0]
+            sender_was_late = True
+        elif any(isinstance(r, ActorDiedError) for r in senders):
+            raise senders[0]
+        replace_workers(actors, receivers, push_weights=False)
 
 
 def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weights: bool = True) -> None:
@@ -347,13 +381,40 @@ def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weight
                 f"replacements are used up; its last error: {failure}")
         log.warning("replacing rollout worker %d (%d of at most %d): %s", index, actors.restarts,
                     cfg.cluster.max_worker_restarts, failure)
-        _kill_worker(actors, index)
         bundle = actors.placement.worker_bundles[index]
+        if isinstance(failure, ActorTimeoutError):
+            write_stacks(actors, actors.workers, index, actors.worker_pids[index], bundle, str(failure))
+        _kill_worker(actors, index)
         actors.workers.actors[index] = cluster.start_worker(cfg, actors.placement, actors.model_path, index, bundle)
         actors.worker_pids[index] = actors.workers.call_one(index, "process_ids", doing="starting")
     join_weight_sync(actors)
     if push_weights:
         sync_weights(actors, actors.version)
+
+
+def write_stacks(actors: Actors, group: ActorGroup, index: int, pids: list[int], bundle: int, doing: str) -> None:
+    """A stuck actor's Python stacks into <run>/faults/ (when the run has one), named in the log."""
+    if actors.faults_dir is None:
+        return
+    path = faults.write_stacks(group.name(index), pids, actors.placement.strategy(bundle), actors.faults_dir, doing)
+    if path is not None:
+        log.warning("%s: the stack of each of its threads is in %s", group.name(index), path)
+
+
+def stop_stuck_learners(actors: Actors, failure: ActorFailure) -> None:
+    """After a learner rank failed: the stacks of every rank when it was a deadline (the late rank and
+    the peers it holds in a collective), then SIGKILL of every rank's processes. A rank stopped or blocked
+    in C would not act on Ray's request to exit."""
+    for rank, bundle in enumerate(actors.placement.learner_bundles):
+        if isinstance(failure, ActorTimeoutError) and rank < len(actors.learner_pids):
+            write_stacks(actors, actors.learners, rank, actors.learner_pids[rank], bundle, str(failure))
+    for rank, bundle in enumerate(actors.placement.learner_bundles):
+        if rank < len(actors.learner_pids):
+            try:
+                ray.get(cluster.kill_process_tree.options(scheduling_strategy=actors.placement.strategy(bundle))
+                        .remote(actors.learner_pids[rank]), timeout=60)
+            except Exception as exc:  # the node may be gone
+                log.warning("learner rank %d: could not kill its processes: %s", rank, exc)
 
 
 def _kill_worker(actors: Actors, index: int) -> None:

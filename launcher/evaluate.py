@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
 from launcher.actor_group import ActorGroup
 from medvqa.record import MedVQARecord
 
 
-def greedy_completions(workers: ActorGroup, records: list[MedVQARecord], max_new_tokens: int) -> list:
+# Runs `generate_greedy` with one args tuple per worker (None: none for that worker); returns the
+# results of the workers given args, in worker order. A training run passes one that replaces a worker
+# that dies or misses its deadline and runs its shard again (launcher/driver.py).
+ShardRunner = Callable[[list, str], list]
+
+
+def greedy_completions(workers: ActorGroup, records: list[MedVQARecord], max_new_tokens: int,
+                       run: Optional[ShardRunner] = None) -> list:
     """(text, num_tokens, finish_reason) per record, the records spread over the workers in order."""
     from launcher.driver import split_evenly
 
     shards = split_evenly(records, len(workers))
-    results = workers.call_each("generate_greedy", [(s, max_new_tokens) if s else None for s in shards],
-                                doing=f"evaluating {len(records)} records")
+    args, doing = [(s, max_new_tokens) if s else None for s in shards], f"evaluating {len(records)} records"
+    results = run(args, doing) if run else workers.call_each("generate_greedy", args, doing=doing)
     return [res for shard in results for res in shard]
 
 
@@ -36,11 +44,12 @@ def summarize_rows(rows: list[dict]) -> dict:
             "mean_length": sum(r["num_tokens"] for r in rows) / n}
 
 
-def evaluate_sets(workers: ActorGroup, eval_sets: dict, max_new_tokens: int) -> tuple[dict, list[dict]]:
+def evaluate_sets(workers: ActorGroup, eval_sets: dict, max_new_tokens: int,
+                  run: Optional[ShardRunner] = None) -> tuple[dict, list[dict]]:
     """({set name: summary}, rows); also an "overall" summary pooling every set, as the paper reports."""
     results, all_rows = {}, []
     for name, records in eval_sets.items():
-        outputs = greedy_completions(workers, records, max_new_tokens)
+        outputs = greedy_completions(workers, records, max_new_tokens, run)
         rows = [dict(score_record(r, *o), set=name) for r, o in zip(records, outputs)]
         results[name] = summarize_rows(rows)
         all_rows += rows

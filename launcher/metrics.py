@@ -27,10 +27,12 @@ SFT_STEP_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "num_tokens", "time
 LOGPROB_AGREEMENT = {"fp32": 1e-3, "bf16": 1e-2, "fp16": 1e-2}
 
 
-def logprob_mismatch(row: dict, precision: str) -> Optional[str]:
+def logprob_mismatch(row: dict, precision: str, sync_every: int = 1) -> Optional[str]:
     """A warning for a step whose batch was sampled after a sync with the very weights the learner then held
-    (no staleness), when the two sides' log-probs of its tokens differ by more than the precision explains."""
-    if row.get("staleness/max") != 0 or row.get("rollout_weight_version", 0) < 1:
+    (no staleness, and the step before it pushed its weights: with learner.sync_every > 1 the learner may
+    hold updates the engines have not seen), when the two sides' log-probs of its tokens differ by more
+    than the precision explains."""
+    if row.get("staleness/max") != 0 or row.get("rollout_weight_version", 0) < 1 or (row["step"] - 1) % sync_every:
         return None
     diff, limit = row.get("logprob_diff/mean_abs"), LOGPROB_AGREEMENT[precision]
     if diff is None or diff <= limit:

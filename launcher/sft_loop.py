@@ -19,7 +19,7 @@ from launcher import cluster, driver, stops
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.metrics import SFT_STEP_KEYS, MetricsSink
-from launcher.train_loop import RunResult, evaluate_and_log, starting_policy
+from launcher.train_loop import RunResult, evaluate_and_log, starting_policy, watch_cluster
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,21 @@ def run_sft(cfg: Config) -> RunResult:
                     "and train.save_every policies)", cfg.train.checkpoint_every)
     cluster.start_ray(cfg)
     stops.reinstall()  # ray.init replaced the SIGTERM handler
+    watch = watch_cluster(run_dir)
     view = learner_view(cfg, steps)
-    actors = driver.start_actors(view, starting_policy(cfg, run_dir, train_records))
-    sink = None
+    sink = actors = None
     try:
+        actors = driver.start_actors(view, starting_policy(cfg, run_dir, train_records))
+        actors.faults_dir = run_dir / "faults"
         sink = MetricsSink(run_dir, cfg.logging, to_dict(cfg), steps, step_keys=SFT_STEP_KEYS, desc="sft",
                            bar_keys=(("loss", "loss"),))
         return _finish(actors, sink, _loop(view, actors, sink, train_records, eval_sets))
     finally:
         if sink is not None:
             sink.close()
-        driver.stop_actors(actors)
+        if actors is not None:
+            driver.stop_actors(actors)
+        watch.stop()
 
 
 def _finish(actors: driver.Actors, sink: MetricsSink, summary: dict) -> RunResult:
@@ -102,8 +106,8 @@ def _step(cfg: Config, actors, sampler: PromptSampler, step: int) -> dict:
     t0 = time.perf_counter()
     records = sampler.draw(cfg.sft.batch_size)
     world = len(actors.learners)
-    stats = actors.learners.call_each("train_sft", [(records[r::world], cfg.sft.target) for r in range(world)],
-                                      doing="training (sft)")
+    calls = actors.learners.submit_each("train_sft", [(records[r::world], cfg.sft.target) for r in range(world)])
+    stats = driver.wait_naming_the_late(calls, "training (sft)", driver.learner_timeout(cfg, -(-len(records) // world)))
     elapsed = time.perf_counter() - t0
     s = stats[0]  # every rank returns the step's numbers over all ranks
     return {"step": step, "epoch": sampler.epoch + sampler.position / len(sampler.records),

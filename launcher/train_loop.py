@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from launcher import checkpoints, cluster, driver, stops
-from launcher.actor_group import ActorFailure
+from launcher.actor_group import ActorFailure, ActorTimeoutError
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import PromptSampler, build_datasets
 from launcher.evaluate import eval_metrics, evaluate_sets, write_outputs
@@ -44,9 +45,19 @@ def run_training(cfg: Config) -> RunResult:
     log.info("%d training prompts; evaluation sets %s", len(train_records), {k: len(v) for k, v in eval_sets.items()})
     cluster.start_ray(cfg)
     stops.reinstall()  # ray.init replaced the SIGTERM handler
+    watch = watch_cluster(run_dir)
+    try:
+        return _train(cfg, run_dir, resume_from, saved, train_records, eval_sets)
+    finally:
+        watch.stop()
+
+
+def _train(cfg: Config, run_dir: Path, resume_from: Optional[Path], saved: Optional[dict], train_records,
+           eval_sets: dict) -> RunResult:
     model_path = saved["model_path"] if saved else starting_policy(cfg, run_dir, train_records)
     stops.check()
     actors = driver.start_actors(cfg, model_path)
+    actors.faults_dir = run_dir / "faults"
     sink = None
     try:
         stops.check()
@@ -60,13 +71,29 @@ def run_training(cfg: Config) -> RunResult:
         return run.finish(run.loop())
     except ActorFailure as exc:
         if exc.kind == actors.learners.kind:
-            raise LearnerRankLost(f"{exc}; a learner rank cannot be replaced in place: "
+            driver.stop_stuck_learners(actors, exc)
+            stacks = f" (stacks in {actors.faults_dir})" if isinstance(exc, ActorTimeoutError) else ""
+            raise LearnerRankLost(f"{exc}{stacks}; a learner rank cannot be replaced in place: "
                                   f"{_resume_hint(run_dir)}") from exc
         raise
     finally:
         if sink is not None:
             sink.close()
         driver.stop_actors(actors)
+
+
+def watch_cluster(run_dir: Path) -> cluster.GcsWatch:
+    """From here on, a Ray cluster that goes away (its head killed, its node lost) ends the command
+    within about half a minute: one line saying so, the resume command, exit 1, none of this process's
+    Ray processes left."""
+    def on_lost(seconds: float) -> None:
+        if stops.requested():
+            return  # a stop is ending the run, and the Ray nodes stop with it (scancel, time limit)
+        print(f"medvlm-r1: lost the Ray cluster: its GCS has not answered for {seconds:.0f} s (the Ray head "
+              f"or its node is gone); {_resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        cluster.exit_now(1)
+
+    return cluster.GcsWatch(on_lost)
 
 
 def starting_policy(cfg: Config, run_dir: Path, train_records) -> str:
@@ -130,7 +157,7 @@ class Run:
         row, batch, records = _step(cfg, self.actors, self.rollouts, step, self.version)
         self.version = row["weight_version"]
         row["time/elapsed_s"] = time.perf_counter() - self.started
-        if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision)):
+        if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision, cfg.learner.sync_every)):
             log.warning(warning)
             self.warned_mismatch = True
         self.history.append(row)
@@ -149,12 +176,12 @@ class Run:
                 self.run_dir, self.step).name:
             return self.last_checkpoint
         t0 = time.perf_counter()
-        tmp = checkpoints.begin(self.run_dir, self.step)
-        driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
-        state = {"step": self.step, "weight_version": self.version, "sampler": self.rollouts.sampler_state(),
-                 "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path}
-        self.last_checkpoint = checkpoints.commit(self.run_dir, tmp, state, to_yaml(self.cfg),
-                                                  self.cfg.train.keep_checkpoints)
+        with checkpoints.saving(self.run_dir, self.step) as tmp:  # a failed save removes its .tmp/
+            driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
+            state = {"step": self.step, "weight_version": self.version, "sampler": self.rollouts.sampler_state(),
+                     "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path}
+            self.last_checkpoint = checkpoints.commit(self.run_dir, tmp, state, to_yaml(self.cfg),
+                                                      self.cfg.train.keep_checkpoints)
         self.sink.log_row({"step": self.step, "time/checkpoint_s": time.perf_counter() - t0})
         log.info("checkpoint of step %d: %s (%.1f s)", self.step, self.last_checkpoint, time.perf_counter() - t0)
         return self.last_checkpoint
@@ -189,7 +216,8 @@ class Run:
 def evaluate_and_log(cfg: Config, actors: driver.Actors, sink: MetricsSink, eval_sets: dict, step: int) -> dict:
     """Greedy evaluation by the rollout workers (with the weights last synced), written to eval/stepNNNNNN."""
     t0 = time.perf_counter()
-    results, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens)
+    results, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens,
+                                  run=lambda args, doing: driver.greedy_with_recovery(actors, args, doing))
     write_outputs(sink.run_dir / "eval" / f"step{step:06d}", results, rows, {"step": step, "decoding": "greedy"})
     sink.log_row({"step": step, **eval_metrics(results), "time/eval_s": time.perf_counter() - t0})
     return results

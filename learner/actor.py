@@ -177,6 +177,12 @@ class LearnerRank:
         together, and a tensor is valid only until the next one is asked for."""
         return zero_params.full_named_parameters(self.hf_model, self.param_names, trainable_only=True)
 
+    def process_ids(self) -> list[int]:
+        """This rank's pid and those below it: what a stuck rank is read (py-spy) and killed by."""
+        import psutil
+
+        return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+
     def weights_checksum(self) -> float:
         """A fingerprint of the weights (a collective under ZeRO-3); it moves with any update."""
         return zero_params.weights_checksum(self.hf_model)

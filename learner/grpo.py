@@ -15,6 +15,13 @@ The objective per completion token, with A the group advantage of its sequence:
 engine reported for the token it drew, from the weights it held then (older ones when generation runs
 ahead of training) and with its own kernels. w corrects the policy gradient for that gap (truncated
 importance sampling, as OpenRLHF and TRL apply it); tis_cap = 0 leaves it out (w = 1).
+
+`pg` is one of POLICY_LOSSES (`grpo.policy_loss`); w and the KL term compose with each the same way:
+    ppo_clip  the line above (the default).
+    gspo      GSPO (Zheng et al. 2025): one ratio per sequence, s = exp(token mean of logprob - old_logprob),
+              clipped as above at the sequence level; see gspo_surrogate. Needs loss_agg seq_mean_token_mean.
+    cispo     CISPO (MiniMax-M1, 2025): pg = -sg[clip(ratio, 1 - clip_low, 1 + clip_high)] * A * logprob; the
+              clipped ratio is a weight without gradient, so no token loses its gradient; see cispo_surrogate.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch
 from torch import Tensor
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
 # exp() of a log-ratio beyond this overflows float32 long before it means anything; such
 # tokens are clipped anyway (or stale beyond repair), so the bound only keeps the loss finite.
 MAX_LOG_RATIO = 20.0
@@ -119,6 +127,58 @@ def clipped_surrogate(
     return -torch.where(clipped_mask, clipped, unclipped), clipped_mask
 
 
+def gspo_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GSPO's clipped sequence loss laid out on the sequence's tokens, which sequences are clipped, their ratios.
+
+    s_i = exp(mean over sequence i's completion tokens of logprob - old_logprob), the length-normalised
+    sequence ratio, and L_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i), strictly smaller
+    branch as in clipped_surrogate. Each token carries GSPO's token-level ratio s_i,t = sg[s_i] pi_t / sg[pi_t]:
+    its value is s_i, and d s_i,t / d logprob_t = s_i = |y_i| d s_i / d logprob_t. So the mean of a sequence's
+    token losses (loss_agg seq_mean_token_mean) has the value and the gradient of L_i itself, and a per-token
+    weight (truncated importance sampling) scales that token's own share of the gradient, as for ppo_clip.
+    GSPO's paper clips at clip_low 3e-4, clip_high 4e-4: sequence ratios stay much nearer 1 than token ratios,
+    and PPO's 0.2 seldom binds. Returns ([B, T] loss, [B] clipped, [B] ratio; a sequence without tokens: 1).
+    """
+    m = mask.bool()
+    lp = torch.where(m, logprobs, torch.zeros_like(logprobs))  # padding may hold anything, even inf
+    diff = torch.where(m, lp - old_logprobs, torch.zeros_like(lp))
+    log_seq = (diff.sum(dim=1) / m.sum(dim=1).clamp(min=1)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).detach()
+    token_log_ratio = log_seq.unsqueeze(-1) + (lp - lp.detach())  # value log s_i exactly (x - x == 0)
+    per_token, clipped = clipped_surrogate(token_log_ratio, torch.zeros_like(lp), advantages, clip_low, clip_high)
+    return per_token, clipped.any(dim=1), torch.exp(log_seq)
+
+
+def cispo_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """CISPO's policy loss per token, -sg[clip(ratio, 1 - clip_low, 1 + clip_high)] * A * logprob, and where the
+    ratio was clipped; both [B, T].
+
+    The clipped ratio is a weight without gradient: a clipped token keeps its gradient, scaled by the bound,
+    where ppo_clip would drop it. MiniMax-M1 set no lower bound and tuned only the upper one: clip_low >= 1
+    puts the lower bound at or below 0, which a ratio never reaches. The loss's value is not PPO's (it holds
+    logprob); its gradient is -weight * A per token, PPO's at ratio 1.
+    """
+    adv = _per_sequence(advantages, logprobs)
+    ratio = torch.exp((logprobs.detach() - old_logprobs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    low, high = 1.0 - clip_low, 1.0 + clip_high
+    clipped = (ratio < low) | (ratio > high)
+    return -ratio.clamp(low, high) * adv * logprobs, clipped
+
+
+def policy_loss_conflict(policy_loss: str, loss_agg: str) -> Optional[str]:
+    """Why `policy_loss` does not run with `loss_agg` (the keys named), or None when they compose."""
+    if policy_loss not in POLICY_LOSSES:
+        return f"unknown policy loss {policy_loss!r}; expected one of {', '.join(POLICY_LOSSES)}"
+    if policy_loss == "gspo" and loss_agg != "seq_mean_token_mean":
+        return (f"grpo.policy_loss=gspo needs grpo.loss_agg=seq_mean_token_mean, got {loss_agg!r}: GSPO's loss is "
+                "one value per sequence, length-normalised by its ratio, and GSPO weighs sequences equally; "
+                "token_mean and seq_mean_token_sum_norm would weigh each sequence by its length")
+    return None
+
+
 def truncated_is_weights(old_logprobs: Tensor, sampling_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     """min(pi_old / pi_sample, cap) per token, and where the cap binds; both [B, T], no gradient.
 
@@ -180,6 +240,7 @@ def grpo_loss(
     max_len: Optional[int] = None,
     sampling_logprobs: Optional[Tensor] = None,
     tis_cap: float = 0.0,
+    policy_loss: str = "ppo_clip",
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss (a scalar to backpropagate) and detached statistics as python floats.
 
@@ -187,10 +248,14 @@ def grpo_loss(
     (one pass per batch): the ratio is exactly 1 and only its gradient matters. With
     `sampling_logprobs` and `tis_cap > 0` each token's policy loss is weighted by
     `truncated_is_weights(old, sampling_logprobs, tis_cap)`; otherwise by 1. With beta == 0 or no
-    reference the KL term is not computed and `kl` is reported as 0.0.
+    reference the KL term is not computed and `kl` is reported as 0.0. `policy_loss` picks the policy
+    term (POLICY_LOSSES); the clip and ratio statistics are over its ratios: tokens, or sequences for gspo.
     """
+    conflict = policy_loss_conflict(policy_loss, loss_agg)
+    if conflict is not None:
+        raise ValueError(conflict)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
-    pg, clipped = clipped_surrogate(logprobs, old, advantages, clip_low, clip_high)
+    pg, ratios = _policy_term(policy_loss, logprobs, old, advantages, mask, clip_low, clip_high)
     tis = None
     if sampling_logprobs is not None and tis_cap > 0:
         tis = truncated_is_weights(old, sampling_logprobs, tis_cap)
@@ -200,9 +265,25 @@ def grpo_loss(
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, mask, loss_agg, max_len)
-    stats = _loss_stats(loss, pg, kl, clipped, logprobs, old, advantages, mask, loss_agg, max_len)
+    stats = _loss_stats(loss, pg, kl, ratios, mask, loss_agg, max_len)
     stats.update(_tis_stats(tis, mask))
     return loss, stats
+
+
+def _policy_term(policy_loss, logprobs, old, advantages, mask, clip_low, clip_high) -> tuple[Tensor, tuple]:
+    """The per-token policy loss, and (ratio, clipped, counted) for the statistics: per token, or per sequence
+    for gspo (counted: the sequences with tokens)."""
+    m = mask.bool()
+    if policy_loss == "gspo":
+        pg, clipped, seq_ratio = gspo_surrogate(logprobs, old, advantages, mask, clip_low, clip_high)
+        return pg, (seq_ratio, clipped, m.any(dim=1))
+    if policy_loss == "cispo":
+        pg, clipped = cispo_surrogate(logprobs, old, advantages, clip_low, clip_high)
+    else:
+        pg, clipped = clipped_surrogate(logprobs, old, advantages, clip_low, clip_high)
+    with torch.no_grad():
+        ratio = torch.exp((logprobs - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    return pg, (ratio, clipped, m)
 
 
 @torch.no_grad()
@@ -215,21 +296,22 @@ def _tis_stats(tis: Optional[tuple[Tensor, Tensor]], mask: Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def _loss_stats(loss, pg, kl, clipped, logprobs, old, advantages, mask, loss_agg, max_len) -> dict[str, float]:
+def _loss_stats(loss, pg, kl, ratios, mask, loss_agg, max_len) -> dict[str, float]:
     m = mask.bool()
-    ratio = torch.exp((logprobs - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-    adv = _per_sequence(advantages, logprobs).expand_as(logprobs)
-    has_tokens = bool(m.any())
+    ratio, clipped, counted = ratios
+    has_ratios = bool(counted.any())
     return {
         "loss": float(loss),
         "pg_loss": float(aggregate_loss(pg, m, loss_agg, max_len)),  # before the importance weights
         "kl": float(masked_mean(kl, m)) if kl is not None else 0.0,
-        "clip_fraction": float(masked_mean(clipped.float(), m)),
-        # Which side clips tells whether clip_low or clip_high (DAPO's clip-higher) binds.
-        "clip_fraction_high": float(masked_mean((clipped & (adv > 0)).float(), m)),
-        "clip_fraction_low": float(masked_mean((clipped & (adv < 0)).float(), m)),
-        "ratio_mean": float(masked_mean(ratio, m)),
-        "ratio_max": float(ratio[m].max()) if has_tokens else 0.0,
-        "ratio_min": float(ratio[m].min()) if has_tokens else 0.0,
+        "clip_fraction": float(masked_mean(clipped.float(), counted)),
+        # Which bound binds: clip_high (DAPO's clip-higher) above 1, clip_low below. For ppo_clip and gspo
+        # this is also the sign of the advantage (only A > 0 clips above, only A < 0 below).
+        "clip_fraction_high": float(masked_mean((clipped & (ratio > 1)).float(), counted)),
+        "clip_fraction_low": float(masked_mean((clipped & (ratio < 1)).float(), counted)),
+        "ratio_mean": float(masked_mean(ratio, counted)),
+        "ratio_max": float(ratio[counted].max()) if has_ratios else 0.0,
+        "ratio_min": float(ratio[counted].min()) if has_ratios else 0.0,
         "num_tokens": float(m.sum()),
+        "num_ratios": float(counted.sum()),  # what the clip and ratio statistics are over
     }

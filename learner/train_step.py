@@ -21,9 +21,10 @@ from protocol.batch import RolloutBatch
 if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
     from launcher.config import Config
 
-# grpo_loss statistics averaged over tokens into the step's metrics.
-_TOKEN_STATS = ("kl", "clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean",
-                "tis/weight_mean", "tis/clipped_fraction")
+# grpo_loss statistics averaged over tokens into the step's metrics, and those averaged over the ratios
+# the policy loss clips (tokens; sequences for grpo.policy_loss=gspo).
+_TOKEN_STATS = ("kl", "tis/weight_mean", "tis/clipped_fraction")
+_RATIO_STATS = ("clip_fraction", "clip_fraction_high", "clip_fraction_low", "ratio_mean")
 
 
 @dataclasses.dataclass
@@ -184,7 +185,7 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
     """Forward/backward over every micro-batch, then one optimiser step (none if a value is not finite)."""
     g, last = cfg.grpo, len(plan.micro_batches) - 1
     lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())
-    sums = {k: 0.0 for k in ("loss", "entropy", "num_tokens", *_TOKEN_STATS)}
+    sums = {k: 0.0 for k in ("loss", "entropy", "num_tokens", "num_ratios", *_TOKEN_STATS, *_RATIO_STATS)}
     seen, fallback_norm = [], None
     with GradientWatch(engine.module) as watch:
         for m, mb in enumerate(plan.micro_batches):
@@ -197,25 +198,28 @@ def _one_pass(engine, plan: StepPlan, inputs: _PassInputs, cfg: Config) -> dict:
                 logprobs, None if inputs.old is None else inputs.old[m],
                 None if inputs.ref is None else inputs.ref[m], inputs.advantages[plan.sample_indices[m]].to(plan.device),
                 mask, g.beta, g.clip_low, g.clip_high, g.loss_agg, max_len=cfg.rollout.max_new_tokens,
-                sampling_logprobs=sampling, tis_cap=g.tis_cap)
+                sampling_logprobs=sampling, tis_cap=g.tis_cap, policy_loss=g.policy_loss)
             engine.backward(loss * inputs.weights[m], scale_wrt_gas=False)
             seen.append(logprobs.detach())
             sums["loss"] += inputs.weights[m] * stats["loss"] / inputs.world_size  # this rank's share
             sums["entropy"] += float(torch.where(mask.bool(), entropy, torch.zeros_like(entropy)).sum())
             sums["num_tokens"] += stats["num_tokens"]
+            sums["num_ratios"] += stats["num_ratios"]
             for k in _TOKEN_STATS:
                 sums[k] += stats[k] * stats["num_tokens"]
+            for k in _RATIO_STATS:
+                sums[k] += stats[k] * stats["num_ratios"]
             if m == last:
                 _guard(engine, watch, sums["loss"], lr, cfg, inputs.world_size, plan.device)
                 if engine.zero_optimization_stage() == 0:
                     fallback_norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
             engine.step()
     sums = dict(zip(sums, reduce_over_ranks(list(sums.values()), inputs.world_size, plan.device)))
-    n = max(sums["num_tokens"], 1.0)
+    n, n_ratios = max(sums["num_tokens"], 1.0), max(sums["num_ratios"], 1.0)
     norm = engine.get_global_grad_norm()
     norm = fallback_norm if norm is None else norm
     return {"loss": sums["loss"], "entropy": sums["entropy"] / n, "num_tokens": sums["num_tokens"],
-            **{k: sums[k] / n for k in _TOKEN_STATS}, "lr": float(lr),
+            **{k: sums[k] / n for k in _TOKEN_STATS}, **{k: sums[k] / n_ratios for k in _RATIO_STATS}, "lr": float(lr),
             "grad_norm": float(norm) if norm is not None else float("nan"), "_logprobs": seen}
 
 

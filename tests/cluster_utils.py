@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two GRPO steps of the tiny model (configs/tiny_cpu.yaml), nothing else: no format warm-up, no evaluation, no W&B.
@@ -281,3 +284,29 @@ def driver_actors(cfg, model_dir: str):
             driver.stop_actors(actors)
     finally:
         ray.shutdown()
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid` now (a driver's Ray processes, actors and engines)."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def ray_session_dir(procs: list[psutil.Process]) -> str:
+    """The Ray session folder named on the raylet's command line: every process of that Ray instance
+    mentions it or is a descendant of the driver."""
+    for p in procs:
+        match = re.search(r"--session[_-]dir=(\S+)", " ".join(p.cmdline()))
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no raylet among the driver's processes: {[p.name() for p in procs]}")
+
+
+def left_over(procs: list[psutil.Process], session_dir: str, timeout: float = 30) -> list[str]:
+    """Those of `procs` and of the Ray instance's processes still alive after up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [f"{p.pid} {p.name()}" for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive += [f"{pid} {cmd[:120]}" for pid, cmd in processes_mentioning(session_dir)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)

@@ -6,6 +6,7 @@ channel and the handles' trip into vLLM's own IPC update description are checked
 TCPStores and vLLM's real parser; the CUDA data plane itself is not.
 """
 import threading
+import re
 import time
 
 import pytest
@@ -199,7 +200,9 @@ def test_more_cpus_than_the_cluster_has_fail_at_once_naming_the_shortfall(tiny_m
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_join_that_does_not_finish_names_who(ray_session):
+def test_a_join_that_does_not_finish_names_who(ray_session, caplog):
+    """The late actors are named twice: in one warning halfway to the deadline (the heartbeat), then in
+    the error at the deadline."""
     import ray
 
     from launcher import cluster, driver
@@ -221,5 +224,75 @@ def test_a_join_that_does_not_finish_names_who(ray_session):
         driver.wait_naming_the_late(calls, "joining the weight-sync group", timeout_s=5)
     assert str(err.value) == "rollout worker 1, rollout worker 3 did not finish joining the weight-sync group within 5 s"
     assert (err.value.kind, err.value.index) == ("rollout worker", 1)
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still joining")]
+    assert len(beats) == 1 and re.fullmatch(
+        r"still joining the weight-sync group after [23] s, waiting for: rollout worker 1, rollout worker 3; "
+        r"its deadline \(5 s\) ends them in [23] s", beats[0]), beats
     for actor in learners.actors + workers.actors:
         ray.kill(actor)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failed_weight_push_is_blamed_on_the_side_that_failed(ray_session, monkeypatch):
+    """A sender that fails on its own stops the run naming the learner rank, and no worker is replaced;
+    a dead receiver explains the sender's error (its worker is replaced and the update sent again); when
+    both sides run out of time the receivers are replaced once, and a sender still stuck then is named."""
+    import ray
+
+    from launcher import driver
+    from launcher.actor_group import ActorCallError
+
+    @ray.remote(num_cpus=0, max_concurrency=1)
+    class End:
+        def __init__(self, *behaviours: str):
+            self.behaviours = list(behaviours)  # one per call; the last one repeats
+
+        def _act(self) -> bool:
+            what = self.behaviours.pop(0) if len(self.behaviours) > 1 else self.behaviours[0]
+            if what == "raise":
+                raise ConnectionError("send failed: connection reset by peer")
+            if what == "hang":
+                time.sleep(120)
+            return True
+
+        def push_weights(self, version: int) -> bool:
+            return self._act()
+
+        def receive_weights(self, version: int, meta) -> bool:
+            return self._act()
+
+    replaced = []
+
+    def replace(actors, failed, push_weights=True):  # a fresh, healthy worker in each failed one's place
+        replaced.append(sorted(failed))
+        for i in failed:
+            ray.kill(actors.workers.actors[i])
+            actors.workers.actors[i] = End.remote("ok")
+
+    monkeypatch.setattr(driver, "replace_workers", replace)
+
+    def actors(learner, *workers):
+        return driver.Actors(cfg=None, model_path="", learners=ActorGroup("learner rank", [learner]),
+                             workers=ActorGroup("rollout worker", list(workers)), placement=None, worker_pids=[],
+                             learner_port=0)
+
+    own = actors(End.remote("raise"), End.remote("ok"), End.remote("ok"))
+    with pytest.raises(ActorCallError, match=r"^learner rank 0 failed while syncing weights \(version 1\): "
+                                             r"ConnectionError: send failed"):
+        driver.sync_with_recovery(own, 1, timeout=60)
+    assert replaced == []
+
+    dead = actors(End.remote("raise", "ok"), End.remote("ok"), End.remote("ok"))
+    ray.kill(dead.workers.actors[1])
+    driver.sync_with_recovery(dead, 2, timeout=60)
+    assert replaced == [[1]] and dead.version == 2
+
+    stuck = actors(End.remote("hang"), End.remote("ok"), End.remote("hang"))
+    with pytest.raises(ActorTimeoutError, match=r"^learner rank 0 did not finish syncing weights \(version 3\) "
+                                                r"within 3 s"):
+        driver.sync_with_recovery(stuck, 3, timeout=3)
+    assert replaced == [[1], [1]]
+    for a in [own, dead, stuck]:
+        for actor in a.learners.actors + a.workers.actors:
+            ray.kill(actor)

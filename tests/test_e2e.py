@@ -142,3 +142,23 @@ def _prompt_ids(model_dir, record) -> list[int]:
     proc = load_processor(model_dir, 3136, 3136)
     return proc(text=[render_prompt(record, proc)], images=[record.load_image()],
                 return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_evaluation_survives_a_dead_worker_and_equals_an_undisturbed_one(setup):
+    """Rollout worker 1 SIGKILLed before an evaluation: it is replaced (with the current weights), its
+    shard is run again, and every prediction equals those of the undisturbed evaluation before it."""
+    import os
+    import signal
+
+    from launcher.evaluate import evaluate_sets
+
+    cfg, records, actors = setup
+    eval_sets = {"MRI": records[:3], "CT": records[3:6]}  # shards of 2 and 1 records per set
+    run = lambda args, doing: driver.greedy_with_recovery(actors, args, doing)  # noqa: E731
+    undisturbed, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    restarts, victim = actors.restarts, actors.workers.actors[1]
+    os.kill(actors.worker_pids[1][0], signal.SIGKILL)
+    again, rows_again = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    assert actors.restarts == restarts + 1 and actors.workers.actors[1] is not victim
+    assert [r["completion"] for r in rows_again] == [r["completion"] for r in rows]
+    assert again == undisturbed

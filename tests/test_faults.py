@@ -3,6 +3,7 @@ engine process SIGKILLed, the worker actor SIGKILLed, the engine SIGSTOPped (stu
 rollout-worker fault is survived (the worker is replaced, gets the current weights, and its prompts are
 sampled again) with no step missing; a dead learner rank stops the run, naming it and how to resume."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_utils import SHORT_RUN, own_session
+from cluster_utils import SHORT_RUN, descendants, left_over, own_session, ray_session_dir
 
 pytestmark = pytest.mark.slow
 
@@ -87,20 +88,25 @@ def test_rollout_worker_faults_are_survived(tmp_path):
     print("recovery time, fault to next step done:", {k: f"{v:.1f} s" for k, v in recovery.items()})
 
 
-def _kill_after_step(run_dir: Path, step: int, marker: str, *extra: str) -> tuple[subprocess.Popen, str, float]:
-    """Start a run, SIGKILL the process matching `marker` once `step` is logged; (process, stderr,
-    seconds from the kill to the run's exit)."""
+def _signal_after_step(run_dir: Path, step: int, marker: str, sig: signal.Signals,
+                       *extra: str) -> tuple[subprocess.Popen, str, float, list[str]]:
+    """Start a run, send `sig` to the process matching `marker` once `step` is logged; (process, stderr,
+    seconds from the signal to the run's exit, the run's processes still alive after it)."""
     with _start(run_dir, "train.steps=50", *extra) as proc:
         _wait_for_step(proc, run_dir, step)
-        _descendant(proc, marker).kill()
-        killed = time.monotonic()
+        procs = descendants(proc.pid)
+        session_dir = ray_session_dir(procs)
+        _descendant(proc, marker).send_signal(sig)
+        sent = time.monotonic()
         _, err = proc.communicate(timeout=300)
-        return proc, err, time.monotonic() - killed
+        took = time.monotonic() - sent
+    return proc, err, took, left_over(procs, session_dir)
 
 
 @pytest.mark.timeout(900)
 def test_restart_budget_exhausted_names_the_worker(tmp_path):
-    proc, err, _ = _kill_after_step(tmp_path / "run", 1, "EngineCore", "cluster.max_worker_restarts=0")
+    proc, err, _, _ = _signal_after_step(tmp_path / "run", 1, "EngineCore", signal.SIGKILL,
+                                         "cluster.max_worker_restarts=0")
     assert proc.returncode == 1, err[-3000:]
     assert "rollout worker 0 failed and cluster.max_worker_restarts=0 replacements are used up" in err, err[-3000:]
 
@@ -108,8 +114,46 @@ def test_restart_budget_exhausted_names_the_worker(tmp_path):
 @pytest.mark.timeout(900)
 def test_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
-    proc, err, took = _kill_after_step(run_dir, 2, "ray::LearnerRank", "train.checkpoint_every=1")
+    proc, err, took, _ = _signal_after_step(run_dir, 2, "ray::LearnerRank", signal.SIGKILL, "train.checkpoint_every=1")
     assert proc.returncode == 1, err[-3000:]
     assert "learner rank 0 died while" in err and "cannot be replaced in place" in err, err[-3000:]
     assert f"logging.run_dir={run_dir}" in err and "resume from" in err
     print(f"dead learner rank: run stopped {took:.1f} s after the kill")
+
+
+@pytest.mark.timeout(900)
+def test_stuck_learner_rank_is_named_with_its_stack_and_nothing_is_left(tmp_path):
+    """A learner rank that stops answering (SIGSTOP: as a rank blocked in a collective or on I/O looks
+    from outside) is caught by learner.timeout_s: the run ends with exit 1 and one line naming the rank
+    and what it was doing, the rank's Python stacks are in <run>/faults/, and no process is left."""
+    run_dir = tmp_path / "run"
+    proc, err, took, left = _signal_after_step(run_dir, 3, "ray::LearnerRank", signal.SIGSTOP,
+                                               "train.checkpoint_every=2", "learner.timeout_s=60")
+    assert proc.returncode == 1, err[-3000:]
+    last = [line for line in err.splitlines() if line.startswith("medvlm-r1:")]
+    assert len(last) == 1 and "learner rank 0 did not finish" in last[0] and "within 60 s" in last[0], err[-3000:]
+    assert f"logging.run_dir={run_dir}" in last[0] and "resume from" in last[0], last[0]
+    stacks = sorted((run_dir / "faults").glob("learner-rank-0-*.txt"))
+    assert len(stacks) == 1, f"{list((run_dir / 'faults').iterdir()) if (run_dir / 'faults').exists() else 'no faults/'}"
+    text = stacks[0].read_text()
+    # Where it was stopped: inside the call it was making (training, or saving the step-4 checkpoint).
+    assert re.search(r"^\s+LearnerRank\.(train_on|save_state|push_weights) \(learner/actor\.py:\d+\)$", text,
+                     re.M), text[-3000:]
+    assert took < 120, f"the run took {took:.0f} s to stop after the rank was stopped"
+    assert left == []
+    print(f"stuck learner rank: run stopped {took:.1f} s after SIGSTOP; {stacks[0].name}:\n{text[:1500]}")
+
+
+@pytest.mark.timeout(900)
+def test_lost_ray_head_ends_the_run_with_our_line_and_nothing_left(tmp_path):
+    """The GCS SIGKILLed mid-run (a Ray head or its node lost): the driver ends within about half a
+    minute, exit 1, with one line of its own saying so and the resume command; no process is left."""
+    run_dir = tmp_path / "run"
+    proc, err, took, left = _signal_after_step(run_dir, 2, "gcs_server", signal.SIGKILL, "train.checkpoint_every=1")
+    assert proc.returncode == 1, err[-3000:]
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("medvlm-r1: lost the Ray cluster") and "resume from" in last, err[-3000:]
+    assert f"logging.run_dir={run_dir}" in last, last
+    assert took < 50, f"the run took {took:.0f} s to end after the GCS was killed"
+    assert left == []
+    print(f"lost Ray head: run ended {took:.1f} s after the GCS was killed")

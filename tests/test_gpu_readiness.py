@@ -191,3 +191,7 @@ def test_logprob_mismatch_is_reported_for_an_in_sync_batch_beyond_its_precision(
     # A batch sampled before the last update, or with the starting checkpoint, says nothing about the sync.
     assert logprob_mismatch({**row, "staleness/max": 1}, "fp32") is None
     assert logprob_mismatch({**row, "rollout_weight_version": 0}, "fp32") is None
+    # learner.sync_every=2: step 7 follows step 6, which pushed; step 8 follows step 7, which did not (the
+    # learner trains on weights one update ahead of the engine's).
+    assert logprob_mismatch(row, "fp32", sync_every=2) is not None
+    assert logprob_mismatch({**row, "step": 8}, "fp32", sync_every=2) is None

@@ -305,16 +305,19 @@ def test_zero3_save_reload_and_sync_tensors(trained, tmp_path, records, processo
     assert meta["dtype_names"] == ["float32"] * len(sent)
 
 
-@pytest.mark.parametrize("stage,agg,checkpointing", [
-    (3, "token_mean", False), (2, "seq_mean_token_mean", False), (0, "seq_mean_token_sum_norm", True)])
+@pytest.mark.parametrize("stage,agg,checkpointing,policy_loss", [
+    (3, "token_mean", False, "ppo_clip"), (2, "seq_mean_token_mean", False, "ppo_clip"),
+    (0, "seq_mean_token_sum_norm", True, "ppo_clip"), (2, "seq_mean_token_mean", False, "gspo"),
+    (2, "token_mean", False, "cispo")])
 def test_accumulation_equals_one_big_micro_batch(tiny_model_dir, port, records, processor, stage, agg,
-                                                 checkpointing):
+                                                 checkpointing, policy_loss):
     """Micro-batches of 3 (3, 3, 2 samples of unequal lengths, recomputed activations in one case) or
-    of all 8: the same gradient and step."""
+    of all 8: the same gradient and step, for each policy loss."""
     batch = _batch(records, processor)
     results = []
     for micro in (8, 3):
         rank = _rank(tiny_model_dir, port, f"learner.zero_stage={stage}", f"grpo.loss_agg={agg}",
+                     f"grpo.policy_loss={policy_loss}",
                      f"learner.micro_batch_size={micro}", "grpo.beta=0.0", "learner.grad_clip=0",
                      f"learner.gradient_checkpointing={str(checkpointing and micro == 3).lower()}")
         assert rank.hf_model.training and rank.hf_model.is_gradient_checkpointing == (checkpointing and micro == 3)

@@ -1,8 +1,10 @@
 """Full checkpoints and resume, end to end on CPU: a run stopped after its checkpoint at step k and resumed
 gives steps k+1..n exactly as an uninterrupted run with the same seed, for 1 and 2 learner ranks, ZeRO-2
-and ZeRO-3; every step stays once in metrics.jsonl; changed state keys are refused; a used run dir is
-never silently reused."""
+and ZeRO-3 (the 2-rank run resumes past a damaged newest checkpoint); every step stays once in
+metrics.jsonl; changed state keys are refused; a used run dir is never silently reused. The manifest's
+own unit tests are in test_checkpoint_manifest.py."""
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -57,6 +59,19 @@ def _cut_back_to(src: Path, dst: Path, step: int) -> None:
     (dst / "summary.json").unlink()
 
 
+def _damage_newest(src: Path, dst: Path) -> Path:
+    """`dst` as `src` was when its run was killed right after its newest checkpoint, with that checkpoint's
+    largest file then cut short (the disk or a copy failed); returns that file."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    (dst / "summary.json").unlink()
+    newest = checkpoints.latest(dst)
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    return victim
+
+
 def _assert_same_steps(resumed: list[dict], reference: list[dict], after: int) -> None:
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # each step exactly once
     moved = [r for r in reference if r["step"] > after]
@@ -65,9 +80,12 @@ def _assert_same_steps(resumed: list[dict], reference: list[dict], after: int) -
         assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, got["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("ranks,stage", [(2, 3)])  # 1 rank ZeRO-2: the SIGKILL test below
-def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage):
+def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage, caplog):
+    """Killed after its step-4 checkpoint, whose largest file was then cut short: the same command again
+    (train.resume=auto) says step 4 is damaged, resumes from step 2 and gives steps 3-4 exactly."""
     from launcher.train_loop import run_training
 
     extra = (f"learner.num_ranks={ranks}", f"learner.zero_stage={stage}")
@@ -77,8 +95,16 @@ def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage):
     assert reference.summary["last_checkpoint"].endswith("step-000004")
 
     resumed_dir = tmp_path / "resumed"
-    _cut_back_to(ref_dir, resumed_dir, 2)
-    run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, resumed_dir, *extra)))
+    victim = _damage_newest(ref_dir, resumed_dir)
+    size = (ref_dir / victim.relative_to(resumed_dir)).stat().st_size
+    with caplog.at_level(logging.INFO, logger="launcher"):
+        resumed = run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, resumed_dir, *extra)))
+    damaged, intact = resumed_dir / "checkpoints/step-000004", resumed_dir / "checkpoints/step-000002"
+    assert (f"checkpoint {damaged} is damaged: {victim.relative_to(damaged).as_posix()}: expected {size} bytes, "
+            f"found {size // 2} bytes") in caplog.text
+    assert f"resuming from {intact}, the newest intact checkpoint, instead of the damaged step-000004" in caplog.text
+    assert f"resuming from {intact} (step 2)" in caplog.text
+    assert resumed.summary["last_checkpoint"] == str(damaged) and checkpoints.damage(damaged) == []  # rewritten
     _assert_same_steps(_steps(resumed_dir), _steps(ref_dir), after=2)
     from safetensors.torch import load_file
 
@@ -147,7 +173,7 @@ def test_latest_pointer_pruning_and_interrupted_saves(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
     checkpoints.begin(tmp_path, 4)  # a save that never finished
     assert checkpoints.latest(tmp_path).name == "step-000003"
-    assert checkpoints.read_state(checkpoints.latest(tmp_path)) == {"step": 3}
+    assert checkpoints.read_state(checkpoints.latest(tmp_path)) == {"step": 3, "manifest": "manifest.json"}
     auto = load_config(None, [f"logging.run_dir={tmp_path}"])
     (tmp_path / "metrics.jsonl").write_text("")
     assert checkpoints.resolve_resume(auto, tmp_path).name == "step-000003"

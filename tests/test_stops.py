@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from cluster_utils import REPO_ROOT, SHORT_RUN, own_session, processes_mentioning
+from cluster_utils import REPO_ROOT, SHORT_RUN, descendants, left_over, own_session, ray_session_dir
 
 pytestmark = pytest.mark.slow
 
@@ -45,30 +44,6 @@ def _wait_for_a_step(proc: subprocess.Popen, run_dir: Path) -> None:
         time.sleep(1)
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def _ray_session_dir(procs: list[psutil.Process]) -> str:
-    """The Ray session folder named on the raylet's command line: every process of that Ray instance
-    mentions it or is a descendant of the driver."""
-    for p in procs:
-        match = re.search(r"--session[_-]dir=(\S+)", " ".join(p.cmdline()))
-        if match:
-            return match.group(1)
-    raise AssertionError(f"no raylet among the driver's processes: {[p.name() for p in procs]}")
-
-
-def _left_over(procs: list[psutil.Process], session_dir: str, timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [f"{p.pid} {p.name()}" for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        alive += [f"{pid} {cmd[:120]}" for pid, cmd in processes_mentioning(session_dir)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(1)
-
-
 # vLLM's engine core in a process of its own (VLLM::EngineCore) and inside the rollout worker, as the demo runs it.
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("signame, to_group, code, in_process", [("SIGTERM", False, 143, False),
@@ -77,11 +52,11 @@ def test_signal_stops_training_cleanly(tmp_path, tiny_model_dir, signame, to_gro
     run_dir = tmp_path / "run"
     with _train(run_dir, tiny_model_dir, "train.steps=200", f"rollout.engine_in_process={in_process}") as proc:
         _wait_for_a_step(proc, run_dir)
-        procs = _descendants(proc.pid)
+        procs = descendants(proc.pid)
         names = {p.name() for p in procs}
         assert {"raylet", "gcs_server"} <= names and any(n.startswith("ray::RolloutWorker") for n in names), names
         assert any(n.startswith("VLLM::") for n in names) != in_process, names
-        session_dir = _ray_session_dir(procs)
+        session_dir = ray_session_dir(procs)
         sent = time.monotonic()
         if to_group:
             os.killpg(proc.pid, getattr(signal, signame))  # Ctrl-C: the terminal signals the whole group
@@ -97,7 +72,7 @@ def test_signal_stops_training_cleanly(tmp_path, tiny_model_dir, signame, to_gro
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)
     assert 1 <= len(_step_rows(run_dir / "metrics.jsonl")) < 200
-    assert _left_over(procs, session_dir) == []
+    assert left_over(procs, session_dir) == []
 
 
 @pytest.mark.timeout(900)
@@ -107,11 +82,11 @@ def test_signal_during_start_up_stops_at_once(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     with _train(run_dir, tiny_model_dir, "train.format_warmup_steps=100000") as proc:
         deadline = time.monotonic() + 600
-        while not any(p.name().startswith("ray::warmup_format") for p in _descendants(proc.pid)):
+        while not any(p.name().startswith("ray::warmup_format") for p in descendants(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, "no format warm-up task started"
             time.sleep(0.5)
-        procs = _descendants(proc.pid)
-        session_dir = _ray_session_dir(procs)
+        procs = descendants(proc.pid)
+        session_dir = ray_session_dir(procs)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -122,4 +97,4 @@ def test_signal_during_start_up_stops_at_once(tmp_path, tiny_model_dir):
         "medvlm-r1: stopped at once by SIGTERM"], err[-4000:]
     assert took < 30, took  # within Slurm's default KillWait
     assert not _step_rows(run_dir / "metrics.jsonl")
-    assert _left_over(procs, session_dir) == []
+    assert left_over(procs, session_dir) == []
