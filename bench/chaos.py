@@ -159,9 +159,6 @@ class Driver:
                 return left_over(list(self.seen.values()), self.session_dir or "<no Ray session seen>", timeout)
         return ["could not list"]
 
-    def log_lines(self, text: str) -> list[str]:
-        return [line for line in self.log_path.read_text(errors="replace").splitlines() if text in line]
-
 
 class RunEnded(RuntimeError):
     pass
@@ -233,7 +230,8 @@ class Chaos:
             found = [r["step"] for r in self.rows() if r["step"] > step and r.get("faults/worker_restarts")]
             if found:
                 return min(found), time.monotonic()
-            time.sleep(0.2)
+            self.driver.look()
+            time.sleep(0.5)
         return None
 
     def kill_driver(self, step: int) -> dict:
@@ -309,8 +307,8 @@ def compare(rows: list[dict], ref_rows: list[dict], faults: list[dict], chaos: C
     by_step, ref = {r["step"]: r for r in rows}, {r["step"]: r for r in ref_rows}
     killed = {r["step"]: r for r in chaos.killed_rows if r["step"] > (chaos.resumed_from or 0)}
     kill = next((f for f in faults if f["kind"] == "driver_kill"), None)
-    # a worker fault in the killed run between its checkpoint and the kill changed the rows it logged
-    touched = kill and any(f["kind"] != "driver_kill" and (chaos.resumed_from or 0) < f["step"] < kill["step"]
+    # a worker fault in the killed run after its checkpoint's step (and before the kill) touched the rows it logged
+    touched = kill and any(f["kind"] != "driver_kill" and (chaos.resumed_from or 0) <= f["step"] < kill["step"]
                            for f in faults)
     first_fault, table, diverged, same_versions = min(f["step"] for f in faults), [], None, True
     for step in sorted(by_step):
@@ -370,8 +368,11 @@ def spans(steps: list[int]) -> str:
 def print_table(table: list[dict]) -> None:
     print(f"\n{'step':>4}  {'= ref':5}  {'= killed run':12}  {'version/ref':11}  {'restarts':8}  note")
     for e in table:
-        killed = "" if "equal_to_killed_run" not in e else ("yes" if e["equal_to_killed_run"] else "NO")
-        note = ("expected equal (before the first fault)" if e["expected_equal"] else "") + (e.get("why") or "")
+        killed = "" if "equal_to_killed_run" not in e else ("yes" if e["equal_to_killed_run"] else "no")
+        notes = ["expected equal (before the first fault)"] if e["expected_equal"] else []
+        if e.get("killed_run_row_expected_equal") is False:
+            notes.append("the killed run's row came after a worker fault")
+        note = "; ".join(notes + ([e["why"]] if "why" in e else []))
         print(f"{e['step']:>4}  {'yes' if e['equal_to_reference'] else 'no':5}  {killed:12}  "
               f"{e['rollout_weight_version']}/{e['reference_rollout_weight_version']!s:<9}  "
               f"{e['worker_restarts'] or 0:<8}  {note}")
@@ -386,7 +387,7 @@ def checks(chaos: Chaos, rc: int, rows: list[dict], steps: int, table: list[dict
     bad_redo = [e["step"] for e in table if e.get("killed_run_row_expected_equal") and not e["equal_to_killed_run"]]
     left = {f"driver {i + 1}": d.left() for i, d in enumerate(chaos.drivers)}
     worker_faults = sum(f["kind"] != "driver_kill" for f in faults)
-    replaced = sum(len(d.log_lines("replacing rollout worker")) for d in chaos.drivers)
+    replaced = sum(d.log_path.read_text(errors="replace").count("replacing rollout worker") for d in chaos.drivers)
     return {
         "final run exited 0": (rc == 0, f"exit {rc}"),
         "every step once": (once, once_text),
@@ -453,6 +454,23 @@ def clean_up(chaos: Chaos) -> list[str]:
     return killed
 
 
+def verdict(chaos: Chaos, faults: list[dict], rc, error, ref_dir: Path, steps: int) -> tuple[dict, list, list]:
+    """(checks, the per-step table, what had to be killed at the end), printed."""
+    rows, ref_rows = step_rows(chaos.run_dir), step_rows(ref_dir)
+    table = compare(rows, ref_rows, faults or [{"step": 0, "kind": "none"}], chaos)
+    result = checks(chaos, rc, rows, steps, table, config_mismatch(chaos.run_dir, ref_dir), faults, ref_rows)
+    if error:
+        result["every fault survived"] = (False, error[-2000:])
+    killed = clean_up(chaos)
+    print_table(table)
+    print()
+    for name, (ok, detail) in result.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    if killed:
+        print(f"killed what was left: {killed}")
+    return result, table, killed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, required=True, help="draws the fault steps (random.Random(seed))")
@@ -468,32 +486,19 @@ def main() -> int:
     ref_dir = reference_run(overrides, overrides[0].split("=", 1)[1], args.reference, args.steps)
     print(f"chaos run, seed {args.seed}: " + ", ".join(f"{k} after step {s} (+{d:.2f} s)" for s, k, d in plan),
           flush=True)
-    out = OUT / f"seed-{args.seed}"
     started = time.monotonic()
-    chaos, faults, rc, error = chaos_run(overrides, plan, out)
-    rows, ref_rows = step_rows(chaos.run_dir), step_rows(ref_dir)
-    table = compare(rows, ref_rows, faults or [{"step": 0, "kind": "none"}], chaos)
-    result = checks(chaos, rc, rows, args.steps, table, config_mismatch(chaos.run_dir, ref_dir), faults, ref_rows)
-    if error:
-        result["every fault survived"] = (False, error[-2000:])
-    killed = clean_up(chaos)
-    print_table(table)
-    print()
-    for name, (ok, detail) in result.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    if killed:
-        print(f"killed what was left: {killed}")
-    unexplained = [e["step"] for e in table if not e["equal_to_reference"] and e["versions_equal_so_far"]]
+    chaos, faults, rc, error = chaos_run(overrides, plan, OUT / f"seed-{args.seed}")
+    result, table, killed = verdict(chaos, faults, rc, error, ref_dir, args.steps)
+    odd = [e["step"] for e in table if not e["equal_to_reference"] and e["versions_equal_so_far"]]
     print(f"steps that differ from the reference though every batch up to them carried its weight version labels: "
-          f"{spans(unexplained)}")
+          f"{spans(odd)}")
     line = summary_line(args.seed, faults, args.steps, result, table)
     print("\n" + line)
     report = {"seed": args.seed, "steps": args.steps, "reference": str(ref_dir), "run_dir": str(chaos.run_dir),
               "wall_s": round(time.monotonic() - started, 1), "plan": plan, "faults": faults,
               "checks": {k: {"ok": ok, "detail": d} for k, (ok, d) in result.items()}, "killed_at_end": killed,
-              "learning": learning_rise(rows) if rows else None, "table": table, "summary": line,
-              "differ_with_equal_versions": unexplained,
-              "command": " ".join(train_cmd(overrides, chaos.run_dir))}
+              "learning": learning_rise(step_rows(chaos.run_dir)), "differ_with_equal_versions": odd,
+              "summary": line, "command": " ".join(train_cmd(overrides, chaos.run_dir)), "table": table}
     (OUT / f"seed-{args.seed}.json").write_text(json.dumps(report, indent=1))
     print(f"written to {OUT / f'seed-{args.seed}.json'}")
     return 0 if all(ok for ok, _ in result.values()) else 1

@@ -95,6 +95,9 @@ class GRPOConfig:
     eps: float = 1e-4  # added to the group std, as in the paper's trainer
     tis_cap: float = 2.0  # each token's policy loss is weighted by min(pi_old / pi_sample, tis_cap), pi_sample
     #                       being the rollout engine's log-prob of the token (truncated importance sampling); 0: off
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and sample more prompts in their place
+    #                       (DAPO's group filter; launcher/dynamic_sampling.py)
+    max_resample_rounds: int = 3  # with dynamic_sampling: rounds of extra prompts per step before training on fewer
     policy_loss: str = "ppo_clip"  # the policy term (learner.grpo.POLICY_LOSSES): ppo_clip (PPO's clipped ratio per
     #                       token) | gspo (one ratio per sequence; needs loss_agg seq_mean_token_mean; its paper clips
     #                       at clip_low 3e-4, clip_high 4e-4: set them, the 0.2 defaults seldom bind) | cispo (the

@@ -53,7 +53,7 @@ def load_yaml(path: Path) -> dict:
 _MINIMUMS = {  # counts and sizes with no rule of their own in validate(): the smallest value that can run
     "model.min_pixels": 1, "data.num_eval_per_modality": 1, "data.image_size": 1, "rollout.max_model_len": 1,
     "rollout.kv_cache_gib": 1, "rollout.timeout_s": 0, "learner.timeout_s": 0, "learner.warmup_steps": 0, "learner.weight_decay": 0,
-    "grpo.eps": 0, "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0,
+    "grpo.eps": 0, "grpo.max_resample_rounds": 0, "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0,
     "train.checkpoint_every": 0, "train.keep_checkpoints": 0, "train.max_staleness": 0, "logging.sample_every": 0,
     "logging.num_samples_logged": 0, "cluster.master_port": 0, "cluster.max_worker_restarts": 0}
 

@@ -260,8 +260,6 @@ def rollout_metrics(batch: RolloutBatch) -> dict:
     out["response_length/mean"] = mean(lengths)
     out["response_length/max"] = max(lengths)
     out["response_length/truncated_fraction"] = sum(f == "length" for f in batch.finish_reasons) / n
-    groups = [batch.total_rewards[i:i + batch.group_size] for i in range(0, n, batch.group_size)]
-    out["reward/zero_std_group_fraction"] = sum(max(g) == min(g) for g in groups) / len(groups)
     return out
 
 

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 # Every step row carries at least these keys (the README and the tests rely on them).
 STEP_KEYS = (
     "step", "reward/total", "reward/format", "reward/accuracy", "loss", "kl", "entropy",
-    "response_length/mean", "clip_fraction", "grad_norm", "lr", "weight_version",
+    "response_length/mean", "clip_fraction", "grad_norm", "lr", "weight_version", "groups/zero_signal_fraction",
     "time/generate_s", "time/train_s", "time/sync_s", "time/step_s", "throughput/tokens_per_s",
 )
 # ... and every step row of a supervised run (`medvlm-r1 sft`) these.

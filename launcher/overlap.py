@@ -26,6 +26,7 @@ import dataclasses
 from launcher import driver
 from launcher.config import Config
 from launcher.data import PromptSampler
+from launcher.dynamic_sampling import keep_signal, zero_signal_fraction
 from protocol.batch import RolloutBatch
 
 
@@ -40,6 +41,19 @@ def drain_step(cfg: Config, step: int) -> int:
     if every:
         return min(last, -(-step // every) * every)
     return last
+
+
+def resample_seed(cfg: Config, step: int, round_: int) -> int:
+    """The sampling seed of dynamic sampling's round `round_` (1, 2, ...) at step `step`."""
+    return step_seed(cfg, step) + 104_729 * round_
+
+
+@dataclasses.dataclass
+class Taken:
+    batch: RolloutBatch  # what the step trains on
+    records: list  # its prompts' records
+    sampled: RolloutBatch  # the step's first batch as sampled (its reward metrics are the step's)
+    stats: dict  # groups/zero_signal_fraction of the first batch; with dynamic sampling, resample/*
 
 
 @dataclasses.dataclass
@@ -67,13 +81,25 @@ class RolloutQueue:
             self.sent.append(_Sent(self.next_step, state, pending))
             self.next_step += 1
 
-    def take(self, actors: driver.Actors, step: int) -> tuple[RolloutBatch, list]:
-        """Step `step`'s batch and its records, waiting for it if it is still being sampled."""
+    def take(self, actors: driver.Actors, step: int) -> Taken:
+        """Step `step`'s batch, waiting for it if it is still being sampled; with grpo.dynamic_sampling,
+        its groups without signal are replaced by groups of prompts drawn and sampled now."""
         if not self.sent or self.sent[0].step != step:
             have = [s.step for s in self.sent]
             raise RuntimeError(f"step {step}: its rollout batch was never sent (batches in flight: {have})")
         sent = self.sent.popleft()
-        return driver.collect(actors, sent.rollout), sent.rollout.records
+        batch, records = driver.collect(actors, sent.rollout), sent.rollout.records
+        stats = {"groups/zero_signal_fraction": zero_signal_fraction(batch)}
+        if not self.cfg.grpo.dynamic_sampling:
+            return Taken(batch, records, batch, stats)
+
+        def resample(count: int, round_: int) -> tuple[RolloutBatch, list]:
+            more = self.sampler.draw(count)
+            return driver.generate(actors, more, resample_seed(self.cfg, step, round_)), more
+
+        kept = keep_signal(batch, records, self.cfg.rollout.prompts_per_step, resample,
+                           self.cfg.grpo.max_resample_rounds, min_groups=len(actors.learners))
+        return Taken(kept.batch, kept.records, batch, {**stats, **kept.stats})
 
     def queued_prompts(self) -> int:
         """Prompts sent and not yet trained on (what a weight update waits behind)."""

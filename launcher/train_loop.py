@@ -229,7 +229,8 @@ def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int,
     t0 = time.perf_counter()
     restarts = actors.restarts
     rollouts.send_ahead(actors, step)
-    batch, records = rollouts.take(actors, step)
+    taken = rollouts.take(actors, step)
+    batch, records = taken.batch, taken.records
     staleness = version - batch.weight_version  # weight versions published between sampling and training
     t1 = time.perf_counter()
     stats = driver.train(actors, batch, records)
@@ -240,7 +241,7 @@ def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int,
         sent = driver.sync_weights(actors, version, queued_prompts=rollouts.queued_prompts())
     t3 = time.perf_counter()
     tokens = sum(len(c) for c in batch.completion_token_ids)
-    row = {"step": step, **driver.rollout_metrics(batch), **stats, "weight_version": version,
+    row = {"step": step, **driver.rollout_metrics(taken.sampled), **taken.stats, **stats, "weight_version": version,
            "rollout_weight_version": batch.weight_version, "staleness/mean": staleness, "staleness/max": staleness,
            "faults/worker_restarts": actors.restarts - restarts, "sync/bytes": sent,
            "time/generate_s": t1 - t0, "time/rollout_s": batch.generate_s, "time/train_s": t2 - t1,

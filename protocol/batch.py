@@ -63,13 +63,15 @@ class RolloutBatch:
                              f"{want!r}, records give {got!r} ({len(self.record_ids)} vs {len(ids)} prompts)")
 
     @staticmethod
-    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
-        """Join the shards that several workers produced for one step (same group size and version)."""
+    def concat(batches: list["RolloutBatch"], sequential: bool = False) -> "RolloutBatch":
+        """Join the shards that several workers produced for one step (same group size and version). With
+        `sequential`, batches sampled one after another (dynamic sampling's rounds): their weight versions
+        may differ (the batch is as old as its oldest part) and their sampling times add up."""
         first = batches[0]
         if any(b.group_size != first.group_size for b in batches):
             raise ValueError("cannot concatenate rollout batches with different group sizes")
         versions = {b.weight_version for b in batches}
-        if len(versions) != 1:
+        if len(versions) != 1 and not sequential:
             raise ValueError(f"rollout shards come from different weight versions {sorted(versions)}")
         cat = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
         return RolloutBatch(
@@ -78,7 +80,8 @@ class RolloutBatch:
             completion_texts=cat("completion_texts"), sampling_logprobs=cat("sampling_logprobs"),
             rewards={k: [x for b in batches for x in b.rewards[k]] for k in first.rewards},
             total_rewards=cat("total_rewards"), finish_reasons=cat("finish_reasons"),
-            weight_version=first.weight_version, generate_s=max(b.generate_s for b in batches),
+            weight_version=min(versions),
+            generate_s=(sum if sequential else max)(b.generate_s for b in batches),
         )
 
     def select_prompts(self, prompts: list[int]) -> "RolloutBatch":

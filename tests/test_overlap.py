@@ -104,6 +104,37 @@ def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_mode
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+def test_dynamic_sampling_with_staleness_refills_and_resumes_exactly(warmed_model, tmp_path):
+    """grpo.dynamic_sampling with one step of staleness: each step trains on 4 groups with signal (or says
+    it trains on fewer), the extra prompts advance the checkpointed sampler, and a resumed run gives the
+    same steps bit for bit. Groups of 2 make zero-signal groups common, so resampling really happens."""
+    from launcher.train_loop import run_training
+
+    extra = ("grpo.dynamic_sampling=true", "train.max_staleness=1", "rollout.group_size=2")
+    ref_dir = tmp_path / "uninterrupted"
+    run_training(_config(warmed_model, ref_dir, *extra))
+    ray.shutdown()
+    rows = _steps(ref_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum(r["resample/rounds"] for r in rows) > 0, [r["groups/zero_signal_fraction"] for r in rows]
+    for r in rows:
+        assert r["groups/trained"] == 4 or r["resample/rounds"] == 3, r
+        assert r["samples/generated"] == 2 * (4 + r["resample/prompts"])
+    drawn = sum(4 + r["resample/prompts"] for r in rows)
+    assert checkpoints.read_state(checkpoints.latest(ref_dir))["sampler"] == {"epoch": 0, "position": drawn}
+
+    resumed_dir = tmp_path / "resumed"
+    _cut_back_to(ref_dir, resumed_dir, 2)
+    run_training(_config(warmed_model, resumed_dir, *extra))
+    ray.shutdown()
+    resumed = _steps(resumed_dir)
+    _assert_same_steps(resumed, rows, after=2)
+    keys = ("groups/zero_signal_fraction", "resample/rounds", "resample/prompts", "groups/trained")
+    assert [{k: r[k] for k in keys} for r in resumed[2:]] == [{k: r[k] for k in keys} for r in rows[2:]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_stop_between_checkpoints_discards_the_batch_in_flight(warmed_model, tmp_path):
     """SIGUSR1 while batch s+1 is being sampled: the checkpoint of step s rewinds the prompt sampler to
     before that batch's draw, and the resumed run samples it again (fresh) and finishes every step once."""
