@@ -36,6 +36,7 @@ class Actors:
     worker_pids: list[list[int]]  # each rollout worker's processes (actor and engine), to kill a stuck one
     learner_port: int  # the learners' own group: a re-formed weight-sync group must not take it
     version: int = 0  # the weight version the rollout workers hold
+    learner_ahead: bool = False  # the learner has stepped since that version was pushed (learner.sync_every > 1)
     restarts: int = 0  # rollout workers replaced so far
     update_meta: Optional[dict] = None  # the weight-update description, fetched from rank 0 once
     learner_pids: list = dataclasses.field(default_factory=list)  # each rank's processes, to read or kill a stuck one
@@ -204,8 +205,10 @@ def greedy_with_recovery(actors: Actors, args: list, doing: str) -> list:
     """`generate_greedy` on the workers given args (an evaluation's shards); a worker that dies or
     misses its deadline is replaced (with the current weights) and its shard run again, so the results
     equal an undisturbed evaluation's."""
-    prompts = max(len(a[0]) for a in args if a)
+    prompts, version = max(len(a[0]) for a in args if a), actors.version
     parts = settle_with_recovery(actors, "generate_greedy", args, doing, rollout_timeout(actors.cfg, prompts))
+    if actors.version != version:  # a replacement brought newer weights to every worker: evaluate them all
+        parts = settle_with_recovery(actors, "generate_greedy", args, doing, rollout_timeout(actors.cfg, prompts))
     return [parts[i] for i in sorted(parts)]
 
 
@@ -221,6 +224,7 @@ def train(actors: Actors, batch: RolloutBatch, records: list[MedVQARecord]) -> d
         free_gpus_for_training(actors)
     world = len(actors.learners)
     calls = actors.learners.submit_each("train_on", [shard_for_rank(batch, records, r, world) for r in range(world)])
+    actors.learner_ahead = True
     stats = wait_naming_the_late(calls, "training", learner_timeout(actors.cfg, -(-batch.num_samples // world)))
     # Ranks report their own shard's numbers; the step's value is their mean.
     return {k: sum(s[k] for s in stats) / world for k in stats[0]}
@@ -344,7 +348,7 @@ def sync_with_recovery(actors: Actors, version: int, timeout: float) -> None:
         failures = [r for r in calls.settle(f"syncing weights (version {version})", timeout)
                     if isinstance(r, ActorFailure)]
         if not failures:
-            actors.version = version
+            actors.version, actors.learner_ahead = version, False
             return
         receivers = {r.index: r for r in failures if r.kind == actors.workers.kind}
         senders = [r for r in failures if r.kind == actors.learners.kind]
@@ -387,7 +391,14 @@ def replace_workers(actors: Actors, failed: dict[int, ActorFailure], push_weight
         actors.worker_pids[index] = actors.workers.call_one(index, "process_ids", doing="starting")
     join_weight_sync(actors)
     if push_weights:
-        sync_weights(actors, actors.version)
+        # Every worker gets the learner's weights as they are now. If the learner has stepped since the last
+        # push (learner.sync_every > 1), they are a new version: labelled as the old one they would make
+        # batches look older than they are, and shards of two weight sets pass for one.
+        version = actors.version + 1 if actors.learner_ahead else actors.version
+        if version != actors.version:
+            log.warning("the learner has stepped since version %d was pushed: every rollout worker gets its current "
+                        "weights as version %d", actors.version, version)
+        sync_weights(actors, version)
 
 
 def write_stacks(actors: Actors, group: ActorGroup, index: int, pids: list[int], bundle: int, doing: str) -> None:

@@ -154,7 +154,7 @@ class Run:
 
     def _one_step(self) -> None:
         cfg, step = self.cfg, self.step
-        row, batch, records = _step(cfg, self.actors, self.rollouts, step, self.version)
+        row, batch, records = _step(cfg, self.actors, self.rollouts, step)
         self.version = row["weight_version"]
         row["time/elapsed_s"] = time.perf_counter() - self.started
         if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision, cfg.learner.sync_every)):
@@ -223,7 +223,7 @@ def evaluate_and_log(cfg: Config, actors: driver.Actors, sink: MetricsSink, eval
     return results
 
 
-def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int, version: int):
+def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int):
     """Train on step `step`'s batch and publish the weights; with train.max_staleness >= 1 the next
     batches are sampled meanwhile (launcher/overlap.py)."""
     t0 = time.perf_counter()
@@ -231,6 +231,7 @@ def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int,
     rollouts.send_ahead(actors, step)
     taken = rollouts.take(actors, step)
     batch, records = taken.batch, taken.records
+    version = actors.version  # the version the workers hold (a replacement may have pushed a newer one just now)
     staleness = version - batch.weight_version  # weight versions published between sampling and training
     t1 = time.perf_counter()
     stats = driver.train(actors, batch, records)

@@ -146,7 +146,8 @@ def _prompt_ids(model_dir, record) -> list[int]:
 
 def test_evaluation_survives_a_dead_worker_and_equals_an_undisturbed_one(setup):
     """Rollout worker 1 SIGKILLed before an evaluation: it is replaced (with the current weights), its
-    shard is run again, and every prediction equals those of the undisturbed evaluation before it."""
+    shard is run again, and every prediction equals those of the undisturbed evaluation before it. Then
+    the same with the learner a step ahead of the engines."""
     import os
     import signal
 
@@ -162,3 +163,15 @@ def test_evaluation_survives_a_dead_worker_and_equals_an_undisturbed_one(setup):
     assert actors.restarts == restarts + 1 and actors.workers.actors[1] is not victim
     assert [r["completion"] for r in rows_again] == [r["completion"] for r in rows]
     assert again == undisturbed
+
+    # The learner steps without a push (as between pushes with learner.sync_every > 1): a worker replaced
+    # now gets the learner's current weights as the next version, and so does every other worker; the
+    # evaluation is run again on all of them, so it equals an undisturbed evaluation of those weights.
+    driver.train(actors, driver.generate(actors, records[:2], seed=5), records[:2])
+    version = actors.version
+    os.kill(actors.worker_pids[0][0], signal.SIGKILL)
+    after, rows_after = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    assert actors.version == version + 1 and not actors.learner_ahead and actors.restarts == restarts + 2
+    assert _version(actors) == version + 1
+    fresh, rows_fresh = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    assert [r["completion"] for r in rows_after] == [r["completion"] for r in rows_fresh] and after == fresh
