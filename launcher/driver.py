@@ -352,16 +352,16 @@ def sync_with_recovery(actors: Actors, version: int, timeout: float) -> None:
             return
         receivers = {r.index: r for r in failures if r.kind == actors.workers.kind}
         senders = [r for r in failures if r.kind == actors.learners.kind]
-        if senders and not any(isinstance(r, ActorDiedError) for r in receivers.values()):
-            # A dead receiver explains a sender's error (its peer went away); nothing else does. When
-            # both sides ran out of time, either may hold the other up: the receivers are replaced once,
-            # and a sender late again with fresh receivers is the stuck one.
-            stuck_together = all(isinstance(r, ActorTimeoutError) for r in senders) and receivers
-            if not stuck_together or sender_was_late or any(isinstance(r, ActorDiedError) for r in senders):
+        if any(isinstance(r, ActorDiedError) for r in senders):
+            raise senders[0]
+        if senders and all(isinstance(r, ActorTimeoutError) for r in receivers.values()):
+            # No receiver died or raised (a dead engine, a closed connection), which would explain the
+            # sender's error: it is the sender's own. When both sides ran out of time, either may hold the
+            # other up: the receivers are replaced once, and a sender late again with fresh ones is stuck.
+            stuck_together = receivers and all(isinstance(r, ActorTimeoutError) for r in senders)
+            if not stuck_together or sender_was_late:
                 raise senders[0]
             sender_was_late = True
-        elif any(isinstance(r, ActorDiedError) for r in senders):
-            raise senders[0]
         replace_workers(actors, receivers, push_weights=False)
 
 

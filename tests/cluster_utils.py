@@ -305,8 +305,16 @@ def left_over(procs: list[psutil.Process], session_dir: str, timeout: float = 30
     """Those of `procs` and of the Ray instance's processes still alive after up to `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [f"{p.pid} {p.name()}" for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [f"{p.pid} {name}" for p in procs if (name := _live_name(p))]
         alive += [f"{pid} {cmd[:120]}" for pid, cmd in processes_mentioning(session_dir)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(1)
+
+
+def _live_name(p: psutil.Process) -> str:
+    """The process's name while it runs (not a zombie); "" once it is gone, even mid-check."""
+    try:
+        return p.name() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE else ""
+    except psutil.NoSuchProcess:
+        return ""

@@ -41,6 +41,19 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
                          WARMUP_PIXELS)
 
 
+@pytest.fixture(scope="session")
+def warmed_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model after a short format warm-up on two-option contrast questions: it writes the answer
+    format with a random letter, so group rewards differ and GRPO steps really move the weights (a random
+    model earns nothing). Built once per session (test_resume, test_overlap)."""
+    from learner.format_warmup import warmup_format
+    from medvqa.synthetic import make_synthetic_split
+
+    records = make_synthetic_split("MRI", "train", 64, seed=0, question_types=["contrast"], num_options=2,
+                                   shuffle_options=False)
+    return warmup_format(tiny_model_dir, str(tmp_path_factory.mktemp("warmed")), records, 60, 1e-2, 0, 3136, 3136)
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_wandb_service():
     """A run logged to W&B inside this process leaves WANDB_SERVICE set, pointing at this process's wandb-core;

@@ -236,8 +236,9 @@ def test_a_join_that_does_not_finish_names_who(ray_session, caplog):
 @pytest.mark.timeout(300)
 def test_a_failed_weight_push_is_blamed_on_the_side_that_failed(ray_session, monkeypatch):
     """A sender that fails on its own stops the run naming the learner rank, and no worker is replaced;
-    a dead receiver explains the sender's error (its worker is replaced and the update sent again); when
-    both sides run out of time the receivers are replaced once, and a sender still stuck then is named."""
+    a receiver that died or raised explains the sender's error (its worker is replaced and the update sent
+    again); when both sides run out of time the receivers are replaced once, and a sender still stuck then
+    is named."""
     import ray
 
     from launcher import driver
@@ -288,11 +289,16 @@ def test_a_failed_weight_push_is_blamed_on_the_side_that_failed(ray_session, mon
     driver.sync_with_recovery(dead, 2, timeout=60)
     assert replaced == [[1]] and dead.version == 2
 
+    # A receiver that raised (its engine process died under it) explains the sender's error as well.
+    engine_gone = actors(End.remote("raise", "ok"), End.remote("raise", "ok"), End.remote("ok"))
+    driver.sync_with_recovery(engine_gone, 3, timeout=60)
+    assert replaced == [[1], [0]] and engine_gone.version == 3
+
     stuck = actors(End.remote("hang"), End.remote("ok"), End.remote("hang"))
-    with pytest.raises(ActorTimeoutError, match=r"^learner rank 0 did not finish syncing weights \(version 3\) "
+    with pytest.raises(ActorTimeoutError, match=r"^learner rank 0 did not finish syncing weights \(version 4\) "
                                                 r"within 3 s"):
-        driver.sync_with_recovery(stuck, 3, timeout=3)
-    assert replaced == [[1], [1]]
-    for a in [own, dead, stuck]:
+        driver.sync_with_recovery(stuck, 4, timeout=3)
+    assert replaced == [[1], [0], [1]]
+    for a in [own, dead, engine_gone, stuck]:
         for actor in a.learners.actors + a.workers.actors:
             ray.kill(actor)

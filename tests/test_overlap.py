@@ -16,17 +16,6 @@ from launcher import checkpoints, cluster, driver
 from launcher.config import load_config
 from launcher.data import PromptSampler, build_datasets
 from launcher.overlap import drain_step, step_seed
-from medvqa.synthetic import make_synthetic_split
-
-
-@pytest.fixture(scope="module")
-def warmed_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model after a short format warm-up, so that group rewards differ and steps really learn."""
-    from learner.format_warmup import warmup_format
-
-    records = make_synthetic_split("MRI", "train", 64, seed=0, question_types=["contrast"], num_options=2,
-                                   shuffle_options=False)
-    return warmup_format(tiny_model_dir, str(tmp_path_factory.mktemp("warmed")), records, 60, 1e-2, 0, 3136, 3136)
 
 
 def _config(model, run_dir, *extra):

@@ -16,21 +16,9 @@ import pytest
 
 from launcher import checkpoints
 from launcher.config import ConfigError, load_config
-from medvqa.synthetic import make_synthetic_split
 from cluster_utils import REPO_ROOT, own_session
 
 COMPARED = ("reward/total", "reward/accuracy", "loss", "grad_norm", "weight_version", "rollout_weight_version")
-
-
-@pytest.fixture(scope="module")
-def warmed_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model after a short format warm-up: it writes the answer format with a random letter, so
-    group rewards differ and GRPO steps really move the weights (a random model earns nothing)."""
-    from learner.format_warmup import warmup_format
-
-    records = make_synthetic_split("MRI", "train", 64, seed=0, question_types=["contrast"], num_options=2,
-                                   shuffle_options=False)
-    return warmup_format(tiny_model_dir, str(tmp_path_factory.mktemp("warmed")), records, 60, 1e-2, 0, 3136, 3136)
 
 
 def _overrides(model: str, run_dir: Path, *extra: str) -> list[str]:
