@@ -374,7 +374,7 @@ def print_table(table: list[dict]) -> None:
             notes.append("the killed run's row came after a worker fault")
         note = "; ".join(notes + ([e["why"]] if "why" in e else []))
         print(f"{e['step']:>4}  {'yes' if e['equal_to_reference'] else 'no':5}  {killed:12}  "
-              f"{e['rollout_weight_version']}/{e['reference_rollout_weight_version']!s:<9}  "
+              f"{str(e['rollout_weight_version']) + '/' + str(e['reference_rollout_weight_version']):<11}  "
               f"{e['worker_restarts'] or 0:<8}  {note}")
 
 

@@ -39,10 +39,10 @@ _STEP_DIR = re.compile(r"step-(\d+)$")
 # Config keys whose change would make a checkpoint's state wrong for the new run: the model and its
 # shapes, the learner's partitioning, what the sampler's position indexes into, and the seeds.
 STATE_KEYS = (
-    "model.path", "model.freeze_vision", "rollout.group_size", "learner.num_ranks", "learner.zero_stage",
-    "learner.precision", "learner.offload_optimizer", "data.source", "data.path", "data.train_modalities",
-    "data.num_train", "data.seed", "data.question_types", "data.num_options", "train.seed",
-    "train.format_warmup_steps",
+    "model.path", "model.freeze_vision", "model.lora_rank", "model.lora_alpha", "model.lora_targets",
+    "rollout.group_size", "learner.num_ranks", "learner.zero_stage", "learner.precision", "learner.offload_optimizer",
+    "data.source", "data.path", "data.train_modalities", "data.num_train", "data.seed", "data.question_types",
+    "data.num_options", "train.seed", "train.format_warmup_steps",
 )
 # What a run dir holds once a run has written into it.
 _RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "final", "checkpoints", "eval")

@@ -24,6 +24,13 @@ class ModelConfig:
     min_pixels: int = 3136  # processor lower bound on image area (pixels), 56*56
     max_pixels: int = 401408  # processor upper bound on image area; 401408 = 512*28*28 as in the paper
     freeze_vision: bool = False  # train only the language model; the vision tower stays fixed
+    lora_rank: int = 0  # LoRA (peft) adapters of this rank on the text decoder's projections, the rest frozen
+    #                     (learner/lora.py); 0: off, every parameter trains
+    lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B @ A
+    lora_dropout: float = 0.0  # dropout on the adapters' input, in [0, 1) (> 0 makes the old-policy passes noisy)
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])  # module names in the text
+    #                     decoder's blocks that get adapters; the vision tower is never adapted
 
 
 @dataclass
@@ -319,6 +326,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     cfg.train.resume = normalize_resume(cfg.train.resume)
     _check(cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels", "must not exceed model.max_pixels")
+    _validate_lora(cfg)
     _validate_sft(cfg)
     if cfg.learner.precision == "fp16" and cfg.cluster.device == "cpu":
         raise ConfigError("config key 'learner.precision': fp16 is not supported on the CPU profile; use fp32 or bf16")
@@ -329,6 +337,15 @@ def normalize_resume(value) -> str:
     "false"; "auto" and paths stay."""
     text = str(value).strip()
     return "false" if text.lower() in ("false", "none", "null", "no", "0", "") else text
+
+
+def _validate_lora(cfg: Config) -> None:
+    m = cfg.model
+    _check(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: off), got {m.lora_rank}")
+    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {m.lora_alpha}")
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    _check(len(m.lora_targets) > 0 and all(isinstance(t, str) and t for t in m.lora_targets), "model.lora_targets",
+           f"must be a non-empty list of module names, got {m.lora_targets!r}")
 
 
 def _validate_sft(cfg: Config) -> None:

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, TYPE_CHECKING
 
 import torch
 
-from learner import ds_config, zero_params
+from learner import ds_config, lora, zero_params
 from learner.checkpoint import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule
@@ -85,7 +85,12 @@ class LearnerRank:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.freeze_vision:
             hf.model.visual.requires_grad_(False)
-        self.param_names = zero_params.checkpoint_names(hf)
+        self.param_names = zero_params.checkpoint_names(hf)  # of the unwrapped model: what leaves the learner
+        m = cfg.model
+        # LoRA: only the adapters train (and sit in the optimiser); the vision tower is frozen with the rest.
+        self.peft = lora.apply_lora(hf, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) \
+            if m.lora_rank > 0 else None
+        self.vision_frozen = m.freeze_vision or self.peft is not None
         optimizer = ds_config.make_optimizer(hf.parameters(), cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=PolicyModule(hf), optimizer=optimizer, lr_scheduler=ds_config.make_scheduler(optimizer, cfg),
@@ -96,9 +101,13 @@ class LearnerRank:
         self.weight_sender = None
         self.sync_backend = None
         self._update_meta = None
+        self._lora_sync = None  # LoRA: what a weight update carries (learner/lora.py), built on first use
 
     def _make_reference(self, model_path: str, dtype: torch.dtype):
         """The frozen reference for the KL term.
+
+        Under LoRA it is this rank's own policy with its adapters switched off: the frozen base, exactly
+        the starting policy, at no extra memory (learner/lora.py).
 
         Under ZeRO-3 it is an optimiser-less ZeRO-3 engine, partitioned across the ranks like the
         policy; otherwise a whole copy per rank. With model.freeze_vision both vision towers hold
@@ -106,6 +115,8 @@ class LearnerRank:
         """
         import deepspeed
 
+        if self.peft is not None:
+            return lora.AdapterlessReference(self.engine, self.peft)
         ref = PolicyModule(_load_hf_model(model_path, dtype)).eval().requires_grad_(False)
         if self.cfg.learner.zero_stage == 3:
             engine, *_ = deepspeed.initialize(model=ref, config=ds_config.reference_config(self.cfg))
@@ -147,7 +158,7 @@ class LearnerRank:
                                  pad, prompt_keys=range(len(prompts))) for idx in chunks]
         # Recomputed activations drop the prompt's cache, which the shared pass continues from.
         return StepPlan(batch=batch, prompts=prompts, micro_batches=micro, sample_indices=chunks,
-                        device=self.device, freeze_vision=self.cfg.model.freeze_vision,
+                        device=self.device, freeze_vision=self.vision_frozen,
                         share_prompts=not self.cfg.learner.gradient_checkpointing)
 
     def train_sft(self, records: list[MedVQARecord], target: str) -> dict[str, float]:
@@ -173,9 +184,17 @@ class LearnerRank:
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF checkpoint name, whole tensor) per parameter that trains: a frozen one (model.freeze_vision)
-        never changes, so the engines keep the copy they loaded. Under ZeRO-3 all ranks must iterate it
-        together, and a tensor is valid only until the next one is asked for."""
+        never changes, so the engines keep the copy they loaded. Under LoRA: the merged weights of the
+        wrapped modules (learner/lora.py). Under ZeRO-3 all ranks must iterate it together, and a tensor
+        is valid only until the next one is asked for."""
+        if self.peft is not None:
+            return lora.iter_sync(self._lora_sync_tensors())
         return zero_params.full_named_parameters(self.hf_model, self.param_names, trainable_only=True)
+
+    def _lora_sync_tensors(self) -> list:
+        if self._lora_sync is None:
+            self._lora_sync = lora.sync_tensors(self.hf_model, self.param_names)
+        return self._lora_sync
 
     def process_ids(self) -> list[int]:
         """This rank's pid and those below it: what a stuck rank is read (py-spy) and killed by."""
@@ -188,9 +207,16 @@ class LearnerRank:
         return zero_params.weights_checksum(self.hf_model)
 
     def save(self, out_dir: str) -> str:
-        """The policy in Hugging Face format with the starting checkpoint's processor files.
+        """The policy in Hugging Face format with the starting checkpoint's processor files; under LoRA
+        the merged model, and the adapter alone in `adapter/` (peft's format, over the starting checkpoint).
         Every rank must call it; rank 0 writes."""
-        state = zero_params.full_state_dict(self.hf_model, self.rank)
+        if self.peft is None:
+            state = zero_params.full_state_dict(self.hf_model, self.rank)
+        else:
+            state = lora.merged_state_dict(self.hf_model, self.rank)
+            with zero_params.gathered(lora.adapter_parameters(self.hf_model)):
+                if self.rank == 0:
+                    self.peft.save_pretrained(os.path.join(out_dir, lora.ADAPTER_DIR))
         if self.rank == 0:
             save_hf_checkpoint(self.hf_model, out_dir, self.model_path, state_dict=state)
         if self.world_size > 1:
@@ -201,9 +227,10 @@ class LearnerRank:
 
     def save_state(self, out_dir: str) -> str:
         """DeepSpeed's own checkpoint of this rank (model, optimiser and scheduler, the ZeRO
-        partitions as they are) and its RNG state. Every rank must call it, on one shared folder."""
+        partitions as they are) and its RNG state; under LoRA the frozen base is left out (it is the starting
+        checkpoint). Every rank must call it, on one shared folder."""
         self.engine.save_checkpoint(out_dir, tag=_STATE_TAG, client_state={"torch_rng": torch.get_rng_state()},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.peft is not None)
         if self.world_size > 1:
             torch.distributed.barrier()
         return out_dir
@@ -211,7 +238,8 @@ class LearnerRank:
     def load_state(self, in_dir: str) -> int:
         """Restore what `save_state` wrote (every rank); returns the optimiser steps taken so far."""
         path, client = self.engine.load_checkpoint(in_dir, tag=_STATE_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=self.peft is None)
         if path is None:
             raise FileNotFoundError(f"learner rank {self.rank}: no DeepSpeed checkpoint in {in_dir}/{_STATE_TAG}")
         torch.set_rng_state(client["torch_rng"])
@@ -249,6 +277,12 @@ class LearnerRank:
     def _meta(self):
         from protocol.weight_update import WeightUpdateMeta, dtype_name
 
+        if self._update_meta is None and self.peft is not None:
+            items = self._lora_sync_tensors()
+            self._update_meta = WeightUpdateMeta(
+                tuple(t.name for t in items), tuple(dtype_name(t.base.dtype) for t in items),
+                shapes=tuple(tuple(t.base.ds_shape) if zero_params.is_partitioned(t.base) else tuple(t.base.shape)
+                             for t in items))
         if self._update_meta is None:
             names, dtypes, shapes = [], [], []
             for name, p in self.hf_model.named_parameters():

@@ -72,7 +72,29 @@ def reload_roots(model, names) -> list:
     roots = {name.split(".", 1)[0] for name in mapped}
     if not roots or not roots <= children.keys() or roots == children.keys():
         return [model]
-    return [children[r] for r in sorted(roots)]
+    return _block_roots(model, mapped) or [children[r] for r in sorted(roots)]
+
+
+def _block_roots(model, mapped: list[str]) -> list | None:
+    """The modules holding the named layers (`...layers.3.self_attn` for `...layers.3.self_attn.q_proj.weight`)
+    when every name lies inside an element of a layer list: an update of some projections only (LoRA's merged
+    weights) then leaves the norms and embeddings beside them out of the reload, which would put each back with
+    a "Failed to load weights" warning. None (whole top-level parts) when any name lies outside the blocks."""
+    import torch
+
+    paths = sorted({name.rsplit(".", 2)[0] for name in mapped if name.count(".") >= 2})
+    if len(paths) == 0 or any(name.count(".") < 2 for name in mapped):
+        return None
+    try:
+        blocks = {p: model.get_submodule(p) for p in paths}
+        for p in paths:  # some ancestor must be a layer list (ModuleList)
+            parts = p.split(".")
+            if not any(isinstance(model.get_submodule(".".join(parts[:k])), torch.nn.ModuleList)
+                       for k in range(1, len(parts))):
+                return None
+    except AttributeError:
+        return None
+    return [blocks[p] for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
 # What vLLM's reload says, once per update, of a head that shares the embedding's weight and so gets
