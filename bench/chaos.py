@@ -307,8 +307,10 @@ def compare(rows: list[dict], ref_rows: list[dict], faults: list[dict], chaos: C
     by_step, ref = {r["step"]: r for r in rows}, {r["step"]: r for r in ref_rows}
     killed = {r["step"]: r for r in chaos.killed_rows if r["step"] > (chaos.resumed_from or 0)}
     kill = next((f for f in faults if f["kind"] == "driver_kill"), None)
-    # a worker fault in the killed run after its checkpoint's step (and before the kill) touched the rows it logged
-    touched = kill and any(f["kind"] != "driver_kill" and (chaos.resumed_from or 0) <= f["step"] < kill["step"]
+    # a worker fault of the killed run touched the rows it logged after its checkpoint when the fault came before
+    # the kill and its replacement (which samples again, maybe with newer weights) after the checkpoint's step
+    touched = kill and any(f["kind"] != "driver_kill" and f["step"] < kill["step"]
+                           and max(f["step"], f.get("replaced_at_step") or 0) >= (chaos.resumed_from or 0)
                            for f in faults)
     first_fault, table, diverged, same_versions = min(f["step"] for f in faults), [], None, True
     for step in sorted(by_step):

@@ -129,6 +129,7 @@ class Run:
     rollouts: RolloutQueue = dataclasses.field(init=False)  # batches sent ahead of training (launcher/overlap.py)
     started: float = 0.0  # perf_counter when this process's GRPO steps began
     warned_mismatch: bool = False  # a learner/engine log-prob mismatch was reported (once per run)
+    restarts_before: int = 0  # rollout workers replaced by earlier processes of this run, up to the checkpoint
 
     def __post_init__(self):
         self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)
@@ -179,7 +180,8 @@ class Run:
         with checkpoints.saving(self.run_dir, self.step) as tmp:  # a failed save removes its .tmp/
             driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
             state = {"step": self.step, "weight_version": self.version, "sampler": self.rollouts.sampler_state(),
-                     "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path}
+                     "wandb_id": self.sink.wandb_id, "model_path": self.actors.model_path,
+                     "worker_restarts": self.restarts_before + self.actors.restarts}
             self.last_checkpoint = checkpoints.commit(self.run_dir, tmp, state, to_yaml(self.cfg),
                                                       self.cfg.train.keep_checkpoints)
         self.sink.log_row({"step": self.step, "time/checkpoint_s": time.perf_counter() - t0})
@@ -191,6 +193,7 @@ class Run:
         the loop's records of the steps already done."""
         driver.load_learner_state(self.actors, checkpoint / checkpoints.LEARNER_DIR)
         self.step, self.version = int(state["step"]), int(state["weight_version"])
+        self.restarts_before = int(state.get("worker_restarts", 0))  # the budget, cluster.max_worker_restarts, is per process
         self.rollouts.restore(state["sampler"], self.step)
         driver.sync_weights(self.actors, self.version)
         rows = read_rows(self.run_dir / "metrics.jsonl")
@@ -207,7 +210,7 @@ class Run:
         summary["final_dir"] = str(final_dir)
         if self.last_checkpoint is not None:
             summary["last_checkpoint"] = str(self.last_checkpoint)
-        summary["faults/worker_restarts"] = self.actors.restarts
+        summary["faults/worker_restarts"] = self.restarts_before + self.actors.restarts  # the run's, across resumes
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         self.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         return RunResult(self.run_dir, final_dir, summary)
