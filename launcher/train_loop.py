@@ -177,6 +177,11 @@ class Run:
                 self.run_dir, self.step).name:
             return self.last_checkpoint
         t0 = time.perf_counter()
+        if self.actors.learner_ahead:
+            # learner.sync_every > 1 and no push this step: push now, so that the checkpoint's weights are the
+            # version the workers hold, and a resumed run samples its next batch with what this one does.
+            self.version += 1
+            driver.sync_weights(self.actors, self.version, queued_prompts=self.rollouts.queued_prompts())
         with checkpoints.saving(self.run_dir, self.step) as tmp:  # a failed save removes its .tmp/
             driver.save_learner_state(self.actors, tmp / checkpoints.LEARNER_DIR)
             state = {"step": self.step, "weight_version": self.version, "sampler": self.rollouts.sampler_state(),

@@ -94,17 +94,21 @@ def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_mode
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_dynamic_sampling_with_staleness_refills_and_resumes_exactly(warmed_model, tmp_path):
-    """grpo.dynamic_sampling with one step of staleness: each step trains on 4 groups with signal (or says
-    it trains on fewer), the extra prompts advance the checkpointed sampler, and a resumed run gives the
-    same steps bit for bit. Groups of 2 make zero-signal groups common, so resampling really happens."""
+    """grpo.dynamic_sampling with one step of staleness and weights pushed every 2 steps: each step trains
+    on 4 groups with signal (or says it trains on fewer), the extra prompts advance the checkpointed
+    sampler, and a run resumed from the step-3 checkpoint (between two pushes: the checkpoint pushes first)
+    gives the same steps bit for bit. Groups of 2 make zero-signal groups common, so resampling happens."""
     from launcher.train_loop import run_training
 
-    extra = ("grpo.dynamic_sampling=true", "train.max_staleness=1", "rollout.group_size=2")
+    extra = ("grpo.dynamic_sampling=true", "train.max_staleness=1", "rollout.group_size=2", "learner.sync_every=2",
+             "train.steps=6", "train.checkpoint_every=3")
     ref_dir = tmp_path / "uninterrupted"
     run_training(_config(warmed_model, ref_dir, *extra))
     ray.shutdown()
     rows = _steps(ref_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Pushes at steps 2, 4, 6 and at the step-3 checkpoint: version 4 after step 4 (not 2).
+    assert [r["weight_version"] for r in rows] == [0, 1, 1, 3, 3, 4]
     assert sum(r["resample/rounds"] for r in rows) > 0, [r["groups/zero_signal_fraction"] for r in rows]
     for r in rows:
         assert r["groups/trained"] == 4 or r["resample/rounds"] == 3, r
@@ -113,13 +117,13 @@ def test_dynamic_sampling_with_staleness_refills_and_resumes_exactly(warmed_mode
     assert checkpoints.read_state(checkpoints.latest(ref_dir))["sampler"] == {"epoch": 0, "position": drawn}
 
     resumed_dir = tmp_path / "resumed"
-    _cut_back_to(ref_dir, resumed_dir, 2)
+    _cut_back_to(ref_dir, resumed_dir, 3)
     run_training(_config(warmed_model, resumed_dir, *extra))
     ray.shutdown()
     resumed = _steps(resumed_dir)
-    _assert_same_steps(resumed, rows, after=2)
+    _assert_same_steps(resumed, rows, after=3)
     keys = ("groups/zero_signal_fraction", "resample/rounds", "resample/prompts", "groups/trained")
-    assert [{k: r[k] for k in keys} for r in resumed[2:]] == [{k: r[k] for k in keys} for r in rows[2:]]
+    assert [{k: r[k] for k in keys} for r in resumed[3:]] == [{k: r[k] for k in keys} for r in rows[3:]]
 
 
 @pytest.mark.slow
