@@ -1,18 +1,16 @@
 """Checks of a config that name what is wrong: the YAML file (file, line, column), numbers that are not
-finite, counts below their minimum, reward names the registry does not know. The schema and its other
-rules live in launcher/config.py, which calls these."""
+finite, counts below their minimum, reward names the registry does not know. The schema is protocol/config.py;
+the other rules live in launcher/config.py, which calls these."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
-if TYPE_CHECKING:  # the schema imports this module
-    from launcher.config import Config
+from protocol.config import Config
 
 
 class ConfigError(ValueError):

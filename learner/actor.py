@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Optional, TYPE_CHECKING
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,8 +23,7 @@ from protocol.batch import RolloutBatch
 from protocol.cpu_share import pin_this_process
 from medvqa.record import MedVQARecord
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import Config
+from protocol.config import Config
 
 
 def _init_process_group(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int) -> str:

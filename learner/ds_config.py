@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, TYPE_CHECKING
+from typing import Callable, Iterable
 
 import torch
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import Config
+from protocol.config import Config
 
 from protocol.choices import PRECISION_DTYPES
 

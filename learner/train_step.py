@@ -7,7 +7,7 @@ is exactly the aggregated loss of the whole step's batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, TYPE_CHECKING
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,8 +18,7 @@ from learner.model_inputs import EncodedPrompt, SampleBatch
 from learner.policy import batch_kwargs
 from protocol.batch import RolloutBatch
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import Config
+from protocol.config import Config
 
 # grpo_loss statistics averaged over tokens into the step's metrics, and those averaged over the ratios
 # the policy loss clips (tokens; sequences for grpo.policy_loss=gspo).

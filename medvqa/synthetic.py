@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional, Sequence, TYPE_CHECKING
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -17,8 +17,7 @@ from PIL import Image
 from medvqa.record import LETTERS, MedVQARecord
 from medvqa.scan_styles import STYLES, draw_anatomy
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import DataConfig
+from protocol.config import DataConfig
 
 QUESTION_TYPES = ("location", "count", "brighter", "contrast")
 SPLITS = ("train", "test")

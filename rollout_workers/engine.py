@@ -6,7 +6,7 @@ import logging
 import os
 import pickle
 import threading
-from typing import Optional, Sequence, TYPE_CHECKING
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -15,8 +15,7 @@ from medvqa.record import MedVQARecord
 from protocol.choices import PRECISION_DTYPES
 from protocol.weight_update import WeightSyncError, nccl_disabled_reason, resolve_backend
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import Config, RolloutConfig
+from protocol.config import Config, RolloutConfig
 
 
 

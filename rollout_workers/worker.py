@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import rewards
 from protocol.batch import RolloutBatch
@@ -23,8 +23,7 @@ from protocol.profile import check_torch_for
 from protocol.weight_update import WeightSyncError
 from rollout_workers import engine as eng
 
-if TYPE_CHECKING:  # the schema lives with the launcher; only its type is needed here
-    from launcher.config import Config
+from protocol.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
