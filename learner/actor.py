@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from learner import ds_config, lora, zero_params
-from learner.checkpoint import save_hf_checkpoint
+from learner.hf_export import save_hf_checkpoint
 from learner.model_inputs import collate_samples, encode_prompts
 from learner.policy import PolicyModule
 from learner.sft import sft_micro_batches, sft_step

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from learner.checkpoint import save_hf_checkpoint
+from learner.hf_export import save_hf_checkpoint
 from learner.model_inputs import EncodedPrompt, collate_samples, encode_prompt
 from learner.policy import PolicyModule, batch_kwargs
 from learner.sft import completion_cross_entropy, completion_ids, masked_sum
