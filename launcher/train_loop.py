@@ -130,6 +130,7 @@ class Run:
     started: float = 0.0  # perf_counter when this process's GRPO steps began
     warned_mismatch: bool = False  # a learner/engine log-prob mismatch was reported (once per run)
     restarts_before: int = 0  # rollout workers replaced by earlier processes of this run, up to the checkpoint
+    restarts_logged: int = 0  # this process's replacements already counted in a step row
 
     def __post_init__(self):
         self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)
@@ -156,6 +157,9 @@ class Run:
     def _one_step(self) -> None:
         cfg, step = self.cfg, self.step
         row, batch, records = _step(cfg, self.actors, self.rollouts, step)
+        # Replacements since the last row: this step's, and those during a checkpoint or evaluation since.
+        row["faults/worker_restarts"] = self.actors.restarts - self.restarts_logged
+        self.restarts_logged = self.actors.restarts
         self.version = row["weight_version"]
         row["time/elapsed_s"] = time.perf_counter() - self.started
         if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision, cfg.learner.sync_every)):
@@ -235,7 +239,6 @@ def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int)
     """Train on step `step`'s batch and publish the weights; with train.max_staleness >= 1 the next
     batches are sampled meanwhile (launcher/overlap.py)."""
     t0 = time.perf_counter()
-    restarts = actors.restarts
     rollouts.send_ahead(actors, step)
     taken = rollouts.take(actors, step)
     batch, records = taken.batch, taken.records
@@ -252,7 +255,7 @@ def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int)
     tokens = sum(len(c) for c in batch.completion_token_ids)
     row = {"step": step, **driver.rollout_metrics(taken.sampled), **taken.stats, **stats, "weight_version": version,
            "rollout_weight_version": batch.weight_version, "staleness/mean": staleness, "staleness/max": staleness,
-           "faults/worker_restarts": actors.restarts - restarts, "sync/bytes": sent,
+           "sync/bytes": sent,
            "time/generate_s": t1 - t0, "time/rollout_s": batch.generate_s, "time/train_s": t2 - t1,
            "time/sync_s": t3 - t2, "time/step_s": t3 - t0, "throughput/tokens_per_s": tokens / (t3 - t0)}
     return row, batch, records
