@@ -310,12 +310,16 @@ def start_colocated(cfg: Config, placement: Placement, model_path: str, addr: st
     return learners, workers
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, last_line: str = "") -> None:
     """End the process from any thread once the Ray cluster is gone: stop this process's own Ray
-    processes and skip Ray's exit handler (it would wait for the gone GCS)."""
+    processes, silence the log (the main thread goes on meanwhile, and would report the actors it loses),
+    print `last_line` last, and skip Ray's exit handler (it would wait for the gone GCS)."""
     stop_ray_descendants()
+    logging.disable(logging.CRITICAL)
     logging.shutdown()
     sys.stdout.flush()
+    if last_line:
+        print(last_line, file=sys.stderr)
     sys.stderr.flush()
     os._exit(code)
 

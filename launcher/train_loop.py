@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -89,9 +88,9 @@ def watch_cluster(run_dir: Path) -> cluster.GcsWatch:
     def on_lost(seconds: float) -> None:
         if stops.requested():
             return  # a stop is ending the run, and the Ray nodes stop with it (scancel, time limit)
-        print(f"medvlm-r1: lost the Ray cluster: its GCS has not answered for {seconds:.0f} s (the Ray head "
-              f"or its node is gone); {_resume_hint(run_dir)}", file=sys.stderr, flush=True)
-        cluster.exit_now(1)
+        line = (f"medvlm-r1: lost the Ray cluster: its GCS has not answered for {seconds:.0f} s (the Ray head "
+                f"or its node is gone); {_resume_hint(run_dir)}")
+        cluster.exit_now(1, last_line=line)
 
     return cluster.GcsWatch(on_lost)
 
