@@ -224,9 +224,14 @@ def test_cancelled_job_stops_driver_and_ray(slurm, tmp_path, when):
     assert ready(), f"the driver never reached its {when}:\n{job.log()}"
     assert slurm.run(["scancel", job.id]).returncode == 0
     state = job.wait(timeout=120)
+    assert state["JobState"] == "CANCELLED", f"{state}\n{job.log()}"
+    assert job.exit_code_file() == "143", job.log()
+    # Slurm reports the job CANCELLED at once; the script goes on stopping the driver and Ray (within
+    # KillWait) and logs its exit code last: read the log once that line is there.
+    deadline = time.monotonic() + 60
+    while "] exit code " not in job.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
     log = job.log()
-    assert state["JobState"] == "CANCELLED", f"{state}\n{log}"
-    assert job.exit_code_file() == "143", log
     assert "received SIGTERM" in log
     if when == "start-up":
         assert "medvlm-r1: stopped at once by SIGTERM" in log, log
