@@ -252,7 +252,7 @@ def sync_weights(actors: Actors, version: int, queued_prompts: int = 0) -> int:
 
 def save_policy(actors: Actors, out_dir: Path) -> None:
     """Every rank takes part (ZeRO-3 gathers the parameters); rank 0 writes the HF checkpoint."""
-    wait_naming_the_late(actors.learners.submit("save", str(out_dir)), f"saving {out_dir}", learner_timeout(actors.cfg))
+    _on_every_rank(actors, "save", str(out_dir), doing=f"saving {out_dir}")
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict:
@@ -294,13 +294,16 @@ def stop_actors(actors: Actors) -> None:
 
 
 def load_learner_state(actors: Actors, checkpoint_learner_dir: Path) -> None:
-    wait_naming_the_late(actors.learners.submit("load_state", str(checkpoint_learner_dir)),
-                         f"loading {checkpoint_learner_dir}", learner_timeout(actors.cfg))
+    _on_every_rank(actors, "load_state", str(checkpoint_learner_dir), doing=f"loading {checkpoint_learner_dir}")
 
 
 def save_learner_state(actors: Actors, out_dir: Path) -> None:
-    wait_naming_the_late(actors.learners.submit("save_state", str(out_dir)),
-                         f"saving the training state to {out_dir}", learner_timeout(actors.cfg))
+    _on_every_rank(actors, "save_state", str(out_dir), doing=f"saving the training state to {out_dir}")
+
+
+def _on_every_rank(actors: Actors, method: str, *args, doing: str) -> list:
+    """`method` on every learner rank within the learner deadline; a late one is named."""
+    return wait_naming_the_late(actors.learners.submit(method, *args), doing, learner_timeout(actors.cfg))
 
 
 # ---- surviving a dead or stuck rollout worker ----------------------------------------------------
@@ -419,20 +422,22 @@ def stop_stuck_learners(actors: Actors, failure: ActorFailure) -> None:
             write_stacks(actors, actors.learners, rank, actors.learner_pids[rank], bundle, str(failure))
     for rank, bundle in enumerate(actors.placement.learner_bundles):
         if rank < len(actors.learner_pids):
-            try:
-                ray.get(cluster.kill_process_tree.options(scheduling_strategy=actors.placement.strategy(bundle))
-                        .remote(actors.learner_pids[rank]), timeout=60)
-            except Exception as exc:  # the node may be gone
-                log.warning("learner rank %d: could not kill its processes: %s", rank, exc)
+            _kill_processes(actors, bundle, actors.learner_pids[rank], actors.learners.name(rank))
 
 
 def _kill_worker(actors: Actors, index: int) -> None:
     """SIGKILL the worker's processes and anything below them on its node (a stopped engine process
     ignores anything else, and would otherwise outlive its actor), then let Ray forget the actor."""
-    bundle = actors.placement.worker_bundles[index]
+    _kill_processes(actors, actors.placement.worker_bundles[index], actors.worker_pids[index],
+                    actors.workers.name(index))
+    ray.kill(actors.workers.actors[index])
+
+
+def _kill_processes(actors: Actors, bundle: int, pids: list[int], name: str) -> None:
+    """SIGKILL `pids` and everything below them, on the node of `bundle`; a warning if that fails (the
+    node itself may be gone)."""
     try:
         ray.get(cluster.kill_process_tree.options(scheduling_strategy=actors.placement.strategy(bundle))
-                .remote(actors.worker_pids[index]), timeout=60)
-    except Exception as exc:  # the node itself may be gone; Ray's kill below still applies
-        log.warning("rollout worker %d: could not kill its processes: %s", index, exc)
-    ray.kill(actors.workers.actors[index])
+                .remote(pids), timeout=60)
+    except Exception as exc:
+        log.warning("%s: could not kill its processes: %s", name, exc)
