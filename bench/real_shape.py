@@ -6,7 +6,8 @@ with --layers text layers and --vision-depth vision blocks (random weights, save
 once under runs/real-shape/models/), fp32, synthetic scans of --image-size px (644: the processor resizes
 them to 616 x 616 inside max_pixels 401408, 484 image tokens), 2 learner ranks under ZeRO-3, 1 rollout worker,
 2 prompts x G 4 per step, micro-batches of 1 sample (the config has 4), no evaluation, no checkpoints, every
-actor on half a core. The paper's
+actor on half a core, the engine in the rollout worker's process, a KV cache of a quarter GiB, DeepSpeed's
+reduce bucket at 5e7 elements and glibc's mmap threshold fixed at 1 MiB (MALLOC_ENV): what fits 24 GiB. The paper's
 prompt, rewards (format + accuracy_paper), beta (a ZeRO-3 reference), 512 new tokens and gradient
 checkpointing stay. A random model rarely samples the end-of-turn token, so nearly every completion runs to
 512 tokens: the cost of the paper's longest samples.
@@ -16,7 +17,7 @@ run's records), each step's phases, completion lengths, sync bytes and learner/e
 the peak memory of every process (bench/proc_memory.py: the learner ranks, the rollout worker, its vLLM
 engine, the driver, Ray's own), and an estimate for the full 28 layers / 32 blocks (see `extrapolate`).
 Usage:
-    python bench/real_shape.py [--steps 3] [--layers 2] [--vision-depth 2] [--image-size 644]
+    python bench/real_shape.py [--steps 3] [--layers 1] [--vision-depth 1] [--image-size 644]
         [--out runs/real_shape.json] [--baseline OTHER_DEPTH.json] [key=value ...]
     python bench/real_shape.py --report runs/real_shape.json --baseline OTHER_DEPTH.json   (refit, run nothing)
 """
@@ -53,8 +54,10 @@ def cpu_overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
         f"data.num_train={max(8, 2 * args.steps)}", "data.num_eval_per_modality=1",
         "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=1",
         "learner.gradient_checkpointing=true",
+        "learner.zero_bucket_elements=50000000",  # DeepSpeed's 5e8 default holds 1.3 GB of gradients per rank here
         "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=512",
         "rollout.enforce_eager=true",
+        "rollout.engine_in_process=true",  # vLLM's engine core and model runner in the worker: 2 processes fewer
         f"train.steps={args.steps}", "train.eval_at_end=false", "train.eval_every=0", "train.save_every=0",
         "train.checkpoint_every=0", "train.resume=false",
         "logging.wandb=false", "logging.progress_bar=false", f"logging.run_dir={run_dir}"]
@@ -62,7 +65,7 @@ def cpu_overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
 
 def load_run_config(args, model_dir: Path, run_dir: Path):
     """The config and its overrides, rollout.kv_cache_gib sized for every sequence of a step at
-    max_model_len, twice over, in whole GiB (unless the caller set it)."""
+    max_model_len, twice over, in quarters of a GiB (unless the caller set it)."""
     from launcher.config import load_config
 
     base = cpu_overrides(args, model_dir, run_dir)
@@ -72,7 +75,7 @@ def load_run_config(args, model_dir: Path, run_dir: Path):
     r = cfg.rollout
     per_token = 2 * args.layers * KV_HEADS * HEAD_DIM * 4  # keys and values, fp32
     sequences = math.ceil(r.prompts_per_step / r.num_workers) * r.group_size
-    overrides = base + [f"rollout.kv_cache_gib={max(1, math.ceil(2 * sequences * r.max_model_len * per_token / GIB))}",
+    overrides = base + [f"rollout.kv_cache_gib={max(1, math.ceil(8 * sequences * r.max_model_len * per_token / GIB)) / 4}",
                         *args.overrides]
     return load_config(str(CONFIG), overrides), overrides
 
@@ -160,9 +163,18 @@ class StepEcho:
         self.seen = len(rows)
 
 
+# glibc keeps freed blocks below its mmap threshold, which grows to 32 MB as large tensors are freed; a fixed
+# 1 MiB threshold hands every larger tensor back to the system when freed (the Ray processes started by this
+# one inherit it). The learner ranks otherwise hold about 1 GiB more between steps than their states need.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def run(cfg, echo: StepEcho) -> dict:
     """The training run under the memory sampler; what it measured, an `error` if it failed."""
     import ray
+
+    for key, value in MALLOC_ENV.items():
+        os.environ.setdefault(key, value)
 
     from launcher.train_loop import run_training
 
@@ -326,8 +338,8 @@ def git_state() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="GRPO steps (the first pays for warm-up; means leave it out)")
-    p.add_argument("--layers", type=int, default=2, help="text decoder layers (published: 28)")
-    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (published: 32)")
+    p.add_argument("--layers", type=int, default=1, help="text decoder layers (published: 28)")
+    p.add_argument("--vision-depth", type=int, default=1, help="vision blocks (published: 32)")
     p.add_argument("--image-size", type=int, default=644, help="synthetic scan side, a multiple of 28")
     p.add_argument("--out", default="runs/real_shape.json", help="results as JSON")
     p.add_argument("--baseline", default=None, help="this script's JSON from a run at other depths: fit the estimate")

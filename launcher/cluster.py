@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from launcher.actor_group import ActorGroup
 from launcher.config import Config
 from protocol.profile import check_torch_for
+from rollout_workers.engine import kv_cache_space
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,11 @@ def actor_env(cfg: Config) -> dict:
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
         # vLLM logs a line per weight update at INFO; export VLLM_LOGGING_LEVEL=INFO to see them.
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if kv_cache_space(cfg.rollout.kv_cache_gib) is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_space(cfg.rollout.kv_cache_gib)
     if cfg.cluster.device == "cpu":
         # Several actors share few cores; one OpenMP thread each avoids oversubscription stalls.
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cluster.cpus_per_actor)))

@@ -135,6 +135,7 @@ def validate(cfg: Config) -> None:
     _check(lr.mu >= 1, "learner.mu", "must be at least 1")
     _check(lr.sync_every >= 1, "learner.sync_every", "must be at least 1")
     _check(lr.zero3_persistence_threshold >= 0, "learner.zero3_persistence_threshold", "must be >= 0")
+    _check(lr.zero_bucket_elements >= 1, "learner.zero_bucket_elements", "must be at least 1")
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
     _check(g.clip_low >= 0 and g.clip_high >= 0, "grpo.clip_low", "clip ranges must be >= 0")

@@ -50,7 +50,7 @@ def load_yaml(path: Path) -> dict:
 
 _MINIMUMS = {  # counts and sizes with no rule of their own in validate(): the smallest value that can run
     "model.min_pixels": 1, "data.num_eval_per_modality": 1, "data.image_size": 1, "rollout.max_model_len": 1,
-    "rollout.kv_cache_gib": 1, "rollout.timeout_s": 0, "learner.timeout_s": 0, "learner.warmup_steps": 0, "learner.weight_decay": 0,
+    "rollout.timeout_s": 0, "learner.timeout_s": 0, "learner.warmup_steps": 0, "learner.weight_decay": 0,
     "grpo.eps": 0, "grpo.max_resample_rounds": 0, "train.format_warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0,
     "train.checkpoint_every": 0, "train.keep_checkpoints": 0, "train.max_staleness": 0, "logging.sample_every": 0,
     "logging.num_samples_logged": 0, "cluster.master_port": 0, "cluster.max_worker_restarts": 0}
@@ -73,7 +73,7 @@ def check_minimums(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         check(value >= least, key, f"must be at least {least}, got {value}")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus", "must be at least 1")
-    for key, value in (("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor),
+    for key, value in (("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor), ("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib),
                        ("train.format_warmup_lr", cfg.train.format_warmup_lr)):
         check(value > 0, key, f"must be positive, got {value}")
 

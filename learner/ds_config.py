@@ -35,6 +35,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     lc = cfg.learner
     accumulation = micro_batches_per_step(cfg)
     zero: dict = {"stage": lc.zero_stage}
+    if lc.zero_stage > 0:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = lc.zero_bucket_elements
     if lc.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = lc.zero3_persistence_threshold
     if lc.offload_optimizer and lc.zero_stage > 0:

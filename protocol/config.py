@@ -56,7 +56,8 @@ class RolloutConfig:
     gpu_memory_utilization: Optional[float] = None  # share of GPU memory vLLM may take (GPU profile); colocated, the
     #                                                  learner has the rest; None: rollout_workers.engine.GPU_MEMORY_SHARE
     #                                                  (0.9 with GPUs of its own, 0.4 colocated)
-    kv_cache_gib: int = 1  # KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: float = 1  # KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE when whole; a fraction such as 0.25
+    #                          goes to vLLM as kv_cache_memory_bytes)
     enforce_eager: bool = True  # skip CUDA graph capture (faster start, slower decode)
     timeout_s: float = 0.0  # deadline of one generate or weight-receive call (0: derived from the work); a worker past it counts as dead
     engine_in_process: bool = False  # run vLLM's engine core and model inside the rollout worker's process (no
@@ -80,6 +81,9 @@ class LearnerConfig:
     sync_every: int = 1  # push weights to the rollout workers every k optimiser steps
     offload_optimizer: bool = False  # ZeRO optimizer state offload to CPU memory
     zero3_persistence_threshold: int = 100000  # ZeRO-3 leaves smaller parameters whole on every rank; 0 splits all
+    zero_bucket_elements: int = 500_000_000  # DeepSpeed's reduce (and all-gather) bucket, in elements (its own
+    #                         default); ZeRO-3 holds one whole bucket per rank, filled up to the model's size: 2 GB
+    #                         in fp32 at this default, so a memory-tight CPU run lowers it
     timeout_s: float = 0.0  # deadline of one train, weight-push, save or load call (0: derived from the work); a
     #                         rank past it is named, its stack written to <run>/faults/, and the run stops
 

@@ -57,6 +57,12 @@ def model_runner(llm, cfg: Config) -> str:
     return f"; vLLM model runner {'V2' if v2 else 'V1'}, {other}"
 
 
+def kv_cache_space(gib: float) -> Optional[str]:
+    """VLLM_CPU_KVCACHE_SPACE for rollout.kv_cache_gib: vLLM reads it as whole GiB, so a fraction is
+    left to the engine's kv_cache_memory_bytes (None: leave the variable unset)."""
+    return str(int(gib)) if float(gib).is_integer() else None
+
+
 def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
     """Keyword arguments of `vllm.LLM` for one rollout engine."""
     r, gpu = cfg.rollout, cfg.cluster.device == "gpu"
@@ -83,6 +89,7 @@ def engine_kwargs(cfg: Config, model_path: str, worker_index: int) -> dict:
         # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(r.max_model_len, 8192)
+        kwargs["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
     if r.tensor_parallel_size > 1:
         # Inside a Ray placement group vLLM would otherwise pick its Ray executor and ask Ray for
         # GPUs that this actor already holds; the actor's own processes use them directly.
@@ -115,7 +122,11 @@ def set_engine_env(cfg: Config, cores: Optional[list[int]] = None) -> None:
     """Environment the engine's processes read at start-up (they inherit this process's); `cores`: the
     cores this actor is pinned to, which the CPU model runner binds its threads to."""
     if cfg.cluster.device == "cpu":
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gib)
+        space = kv_cache_space(cfg.rollout.kv_cache_gib)
+        if space is None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
         if cores:
             # One list per engine process (tensor-parallel rank), separated by "|".
             tp = cfg.rollout.tensor_parallel_size
