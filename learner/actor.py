@@ -167,7 +167,8 @@ class LearnerRank:
             raise ValueError("train_sft got no records")
         t0 = time.perf_counter()
         micro = sft_micro_batches(records, self.processor, target, self.cfg.learner.micro_batch_size)
-        metrics = sft_step(self.engine, micro, self.device, self.world_size)
+        metrics = sft_step(self.engine, micro, self.device, self.world_size,
+                           watch_gradients=self.cfg.learner.precision != "fp16")
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from learner.finite_guard import GradientWatch, check_step
 from learner.model_inputs import SampleBatch, collate_samples, encode_prompt
 from learner.policy import batch_kwargs
 from learner.train_step import plain_grad_norm, reduce_over_ranks
@@ -67,11 +68,15 @@ def sft_micro_batches(records: Sequence[MedVQARecord], processor, target: str, s
     return [collate_samples(prompts, idx, [ids[i] for i in idx], pad) for idx in chunks]
 
 
-def sft_step(engine, micro: Sequence[SampleBatch], device, world_size: int) -> dict[str, float]:
+def sft_step(engine, micro: Sequence[SampleBatch], device, world_size: int,
+             watch_gradients: bool = True) -> dict[str, float]:
     """One optimiser step over this rank's micro-batches: the token mean over every rank's target tokens.
 
     Each micro-batch contributes its CE sum over the step's total token count (times world_size,
     since DeepSpeed averages gradients over ranks), so accumulation gives exactly the token mean.
+    Before the update, every rank raises NonFiniteStepError if the step's loss, any rank's gradients or
+    the rate are not finite (GRPO's guard, learner/finite_guard.py; `watch_gradients` false for fp16,
+    whose overflows DeepSpeed's loss scaler skips).
     """
     if not micro:
         raise ValueError("sft_step got no micro-batches")
@@ -79,16 +84,21 @@ def sft_step(engine, micro: Sequence[SampleBatch], device, world_size: int) -> d
     local = sum(float(mb.completion_mask.sum()) for mb in micro)
     (total,) = reduce_over_ranks([local], world_size, device)
     ce_sum, norm = 0.0, None
-    for m, mb in enumerate(micro):
-        last = m == len(micro) - 1
-        engine.set_gradient_accumulation_boundary(last)
-        ce, mask = completion_cross_entropy(engine(**batch_kwargs(mb, None, device)), mb)
-        loss_sum = masked_sum(ce, mask)
-        engine.backward(loss_sum * world_size / total, scale_wrt_gas=False)
-        if last and engine.zero_optimization_stage() == 0:
-            norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
-        engine.step()
-        ce_sum += float(loss_sum.detach())
+    with GradientWatch(engine.module) as watch:
+        for m, mb in enumerate(micro):
+            last = m == len(micro) - 1
+            engine.set_gradient_accumulation_boundary(last)
+            ce, mask = completion_cross_entropy(engine(**batch_kwargs(mb, None, device)), mb)
+            loss_sum = masked_sum(ce, mask)
+            engine.backward(loss_sum * world_size / total, scale_wrt_gas=False)
+            ce_sum += float(loss_sum.detach())
+            if last:
+                grad_sq, bad_param = watch.squared_sum() if watch_gradients else (0.0, None)
+                loss, grad_sq = reduce_over_ranks([ce_sum / total, grad_sq], world_size, device)
+                check_step(loss, grad_sq, float(lr), bad_param, engine.global_steps + 1)
+                if engine.zero_optimization_stage() == 0:
+                    norm = plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
+            engine.step()
     (ce_sum,) = reduce_over_ranks([ce_sum], world_size, device)
     ds_norm = engine.get_global_grad_norm()
     norm = norm if ds_norm is None else ds_norm

@@ -42,6 +42,11 @@ def own_session(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
 SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    return free_ports(1)[0]
+
+
 def free_ports(count: int) -> list[int]:
     """Distinct TCP ports that were free a moment ago (bound together so none repeats)."""
     socks, ports = [], []

@@ -4,10 +4,11 @@ All DeepSpeed ranks here are world size 1 on gloo and share the process's one to
 group (initialised by the first rank). Two learner ranks over Ray are covered by the end-to-end tests.
 """
 import math
-import socket
 
 import pytest
 import torch
+
+from cluster_utils import free_port
 
 from launcher.config import load_config
 from learner.ds_config import lr_lambda
@@ -27,12 +28,6 @@ TEXTS = [
 REWARDS = [2.0, 1.0, 0.0, 0.0]
 # Several DeepSpeed engines and GRPO steps per test or fixture: more than the default on a busy machine.
 pytestmark = pytest.mark.timeout(900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(model_dir, *overrides):
@@ -206,7 +201,7 @@ def test_lr_schedules():
 
 @pytest.fixture(scope="module")
 def port():
-    return _free_port()
+    return free_port()
 
 
 def _rank(model_dir, port, *overrides):

@@ -7,10 +7,11 @@ process's torch.distributed group across tests and builds a fresh `LearnerRank` 
 from __future__ import annotations
 
 import gc
-import socket
 import sys
 
 import pytest
+
+from cluster_utils import free_port
 import ray
 import torch
 
@@ -37,12 +38,6 @@ TEXTS = [
 # Adam's first step moves an entry by lr * g / (|g| + 1e-8): about lr (1e-3) wherever the gradient is not
 # tiny, and where it is, summation-order noise in g is magnified; 1e-5 is 1 % of a step.
 LOSS_ATOL, NORM_RTOL, WEIGHT_ATOL = 1e-6, 1e-5, 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankHost:
@@ -89,7 +84,7 @@ def worlds(tiny_model_dir):
     host = ray.remote(RankHost).options(num_cpus=0.5, max_concurrency=1)
     try:
         yield {world: {"hosts": ActorGroup("learner rank", [host.remote() for _ in range(world)]),
-                       "port": _free_port()} for world in (1, 2)}
+                       "port": free_port()} for world in (1, 2)}
     finally:
         ray.shutdown()
 

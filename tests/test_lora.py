@@ -149,9 +149,9 @@ def _lora_rank(model_dir, port, stage, *overrides):
 
 @pytest.fixture(scope="module")
 def port():
-    from test_learner import _free_port
+    from cluster_utils import free_port
 
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ Real DeepSpeed ranks of world size 1 on gloo (as in test_learner.py), fed a roll
 make the loss NaN, or built with an infinite learning rate that config validation would have refused.
 """
 import math
-import socket
 
 import pytest
 import torch
+
+from cluster_utils import free_port
 
 from launcher.config import ConfigError, load_config
 from learner.finite_guard import NonFiniteStepError
@@ -27,9 +28,7 @@ def _cfg(model_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +97,25 @@ def test_infinite_learning_rate_stops_the_first_step(tiny_model_dir, port, recor
                        r"grad_norm=finite, lr=inf; the update was not applied"):
         rank.train_on(_batch(records, processor, GOOD), records)
     assert rank.weights_checksum() == start and _all_finite(rank)
+
+
+@pytest.mark.timeout(300)
+def test_sft_step_has_the_same_guard(tiny_model_dir, port, records, processor):
+    """`medvlm-r1 sft` trains through LearnerRank.train_sft: a good step moves the weights, an infinite rate
+    stops the next before its update."""
+    from launcher.sft_loop import learner_view
+    from learner.actor import LearnerRank
+
+    cfg = learner_view(_cfg(tiny_model_dir, "learner.zero_stage=2", "sft.batch_size=2", "sft.lr=1e-2"), 8)
+    rank = LearnerRank(cfg, tiny_model_dir, 0, 1, "127.0.0.1", port)
+    start = rank.weights_checksum()
+    good = rank.train_sft(records, "think_answer")
+    assert math.isfinite(good["loss"]) and good["grad_norm"] > 0
+    moved = rank.weights_checksum()
+    assert abs(moved - start) > 1e-6
+    for group in rank.engine.optimizer.param_groups:
+        group["lr"] = float("inf")  # as a schedule bug could produce
+    with pytest.raises(NonFiniteStepError, match=r"^optimiser step 2: non-finite values, loss=[0-9.e+-]+, "
+                       r"grad_norm=finite, lr=inf; the update was not applied$"):
+        rank.train_sft(records, "think_answer")
+    assert rank.weights_checksum() == moved and _all_finite(rank)

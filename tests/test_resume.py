@@ -107,6 +107,7 @@ def _latest_step(run_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_sigkilled_run_resumes_exactly_with_one_rank(warmed_model, tmp_path):
     """The real thing: SIGKILL the whole driver (Ray and vLLM with it) once its step-2 checkpoint is
@@ -186,3 +187,53 @@ def test_rows_past_the_checkpoint_and_a_torn_line_are_dropped(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3, 4)) + '{"step": 5, "lo')
     assert drop_rows_after(path, 2) == 3
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+SFT_COMPARED = ("epoch", "loss", "grad_norm", "lr", "num_tokens")
+
+
+def _sft_overrides(model: str, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.path={model}", "model.build_tiny_if_missing=false", f"logging.run_dir={run_dir}",
+            "logging.progress_bar=false", "logging.wandb=true", "train.format_warmup_steps=0", "sft.steps=12",
+            "sft.batch_size=8", "sft.lr=3e-3", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+            "train.eval_at_end=false", "cluster.cpus_per_actor=0.5", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_sigkilled_sft_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """`medvlm-r1 sft` on the shared trainer skeleton: SIGKILLed after a checkpoint, the same command again
+    resumes it, and every step's loss, gradient norm, rate and epoch, and the final weights, equal an
+    uninterrupted run's bit for bit; W&B continues the same run."""
+    cmd = [sys.executable, "-m", "launcher", "sft", "configs/tiny_cpu_sft.yaml"]
+    ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run(cmd + _sft_overrides(tiny_model_dir, ref_dir), cwd=REPO_ROOT, env=env, check=True,
+                   capture_output=True, timeout=1200)
+    with own_session(cmd + _sft_overrides(tiny_model_dir, killed_dir, "sft.steps=40"), env=env,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 1200
+        while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    killed_at = _latest_step(killed_dir)
+    assert 2 <= killed_at < 12, f"killed after step {killed_at}"
+    done = subprocess.run(cmd + _sft_overrides(tiny_model_dir, killed_dir), cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {killed_dir / 'checkpoints' / f'step-{killed_at:06d}'} (step {killed_at})" in done.stderr
+
+    def steps(run_dir: Path) -> list[dict]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: r[k] for k in ("step", *SFT_COMPARED)} for r in rows if "epoch" in r]
+
+    reference, resumed = steps(ref_dir), steps(killed_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # each step exactly once
+    assert resumed == reference
+    assert all(r["grad_norm"] > 0 for r in reference[killed_at:])  # the resumed steps did learn
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref_dir / "final/model.safetensors")), load_file(str(killed_dir / "final/model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert json.loads((killed_dir / "summary.json").read_text())["last_checkpoint"].endswith("step-000012")
+    ids = {p.name.rsplit("-", 1)[-1] for p in (killed_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids  # W&B continued the same run

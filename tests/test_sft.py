@@ -1,9 +1,10 @@
 """The SFT baseline: targets, the prompt-masked loss (by hand), its config, one DeepSpeed rank."""
 import math
-import socket
 
 import pytest
 import torch
+
+from cluster_utils import free_port
 import yaml
 
 from launcher.config import ConfigError, load_config
@@ -111,12 +112,6 @@ def test_impossible_sft_values_name_the_key(override, key):
         load_config(None, override)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hand_loss(hf, processor, records, target) -> tuple[float, int]:
     """Token-mean CE of the targets, one record at a time through the plain HF forward."""
     from learner.model_inputs import encode_prompt
@@ -144,7 +139,7 @@ def test_sft_steps_on_a_deepspeed_rank(tiny_model_dir, target):
                + make_synthetic_split("MRI", "train", 2, seed=1, num_options=4, image_size=84))
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "learner.micro_batch_size=3", "sft.batch_size=5",
                              "sft.lr=3e-3", "sft.steps=8", "learner.zero_stage=2", "logging.wandb=false"])
-    rank = LearnerRank(learner_view(cfg, 8), tiny_model_dir, 0, 1, "127.0.0.1", _free_port())
+    rank = LearnerRank(learner_view(cfg, 8), tiny_model_dir, 0, 1, "127.0.0.1", free_port())
     expected, count = _hand_loss(rank.hf_model, rank.processor, records, target)
     first = rank.train_sft(records, target)
     assert first["num_tokens"] == count

@@ -7,24 +7,17 @@ log-probs that transformers computes for the perturbed model.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster_utils import free_port
+
 from protocol import weight_update as wu
 
 ATOL = 1e-4
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def mixed_tensors() -> list[tuple[str, torch.Tensor]]:
