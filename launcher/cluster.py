@@ -69,12 +69,15 @@ class GcsWatch:
     """A daemon thread that checks every `period_s` that the Ray cluster's GCS still accepts connections,
     and calls `on_lost(seconds)` once it has not for `grace_s` (the head was killed, its node died). Ray's
     own client would end the process a minute later with a fatal line of its internal log; the caller
-    ends it sooner, with a line of its own. `stop()` before a deliberate shutdown."""
+    ends it sooner, with a line of its own. While `hurry()` is true (a stop is under way, and the cluster
+    is expected to go with it) the grace is `hurry_grace_s`. `stop()` before a deliberate shutdown."""
 
-    def __init__(self, on_lost, period_s: float = 2.0, grace_s: float = 20.0):
+    def __init__(self, on_lost, period_s: float = 2.0, grace_s: float = 20.0, hurry=lambda: False,
+                 hurry_grace_s: float = 4.0):
         import threading
 
         self.on_lost, self.period_s, self.grace_s = on_lost, period_s, grace_s
+        self.hurry, self.hurry_grace_s = hurry, hurry_grace_s
         self.address = ray.get_runtime_context().gcs_address
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gcs-watch", daemon=True)
@@ -89,7 +92,8 @@ class GcsWatch:
                 lost_since = None
                 continue
             lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since >= self.grace_s and not self._stopped.is_set():
+            grace = self.hurry_grace_s if self.hurry() else self.grace_s
+            if time.monotonic() - lost_since >= grace and not self._stopped.is_set():
                 self.on_lost(time.monotonic() - lost_since)
                 return
 

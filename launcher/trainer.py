@@ -230,13 +230,19 @@ def watch_cluster(run_dir: Path, command: str) -> cluster.GcsWatch:
     within about half a minute: one line saying so, the resume command, exit 1, none of this process's
     Ray processes left."""
     def on_lost(seconds: float) -> None:
-        if stops.requested():
-            return  # a stop is ending the run, and the Ray nodes stop with it (scancel, time limit)
+        signame = stops.requested()
+        if signame:
+            # A stop is ending the run and the Ray nodes stop with it (scancel, a time limit): the step in
+            # flight cannot finish, and its calls would wait for actors the lost GCS can no longer report dead.
+            line = (f"medvlm-r1: stopped by {signame}; the Ray cluster stopped with it before the step ended "
+                    f"({resume_hint(run_dir, command)})")
+            cluster.exit_now(stops.exit_code_of(signame), last_line=line)
+            return
         line = (f"medvlm-r1: lost the Ray cluster: its GCS has not answered for {seconds:.0f} s (the Ray head "
                 f"or its node is gone); {resume_hint(run_dir, command)}")
         cluster.exit_now(1, last_line=line)
 
-    return cluster.GcsWatch(on_lost)
+    return cluster.GcsWatch(on_lost, hurry=lambda: stops.requested() is not None)
 
 
 def starting_policy(cfg: Config, run_dir: Path, train_records) -> str:
