@@ -94,3 +94,25 @@ def test_allowed_values_come_from_where_they_are_implemented(override, module, n
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert all(str(v) in str(err.value) for v in allowed), (str(err.value), allowed)
+
+
+def test_kv_cache_fractions_go_to_the_engine_in_bytes_and_the_bucket_to_deepspeed():
+    """rollout.kv_cache_gib: whole GiB through VLLM_CPU_KVCACHE_SPACE (vLLM parses it as an int), a fraction
+    as kv_cache_memory_bytes with the variable left unset; learner.zero_bucket_elements sizes DeepSpeed's buckets."""
+    from launcher.cluster import actor_env
+    from learner.ds_config import deepspeed_config
+    from rollout_workers.engine import engine_kwargs
+
+    quarter = load_config(None, ["rollout.kv_cache_gib=0.25", "learner.zero_stage=3",
+                                 "learner.zero_bucket_elements=50000000"])
+    assert engine_kwargs(quarter, "m", 0)["kv_cache_memory_bytes"] == 2**28
+    assert "VLLM_CPU_KVCACHE_SPACE" not in actor_env(quarter)
+    zero = deepspeed_config(quarter, 1)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+    whole = load_config(None, ["rollout.kv_cache_gib=2"])
+    assert actor_env(whole)["VLLM_CPU_KVCACHE_SPACE"] == "2" and engine_kwargs(whole, "m", 0)["kv_cache_memory_bytes"] == 2 * 2**30
+    assert deepspeed_config(whole, 1)["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's own
+    with pytest.raises(ConfigError, match=r"config key 'rollout.kv_cache_gib': must be positive, got 0"):
+        load_config(None, ["rollout.kv_cache_gib=0"])
+    with pytest.raises(ConfigError, match=r"config key 'learner.zero_bucket_elements': must be at least 1"):
+        load_config(None, ["learner.zero_bucket_elements=0"])
