@@ -53,11 +53,9 @@ def cpu_overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
         "data.source=synthetic", "data.path=null", "data.eval_path=null", f"data.image_size={args.image_size}",
         f"data.num_train={max(8, 2 * args.steps)}", "data.num_eval_per_modality=1",
         "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=1",
-        "learner.gradient_checkpointing=true",
-        "learner.zero_bucket_elements=50000000",  # DeepSpeed's 5e8 default holds 1.3 GB of gradients per rank here
+        "learner.gradient_checkpointing=true", "learner.zero_bucket_elements=50000000",  # 5e8: 1.3 GB a rank here
         "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=512",
-        "rollout.enforce_eager=true",
-        "rollout.engine_in_process=true",  # vLLM's engine core and model runner in the worker: 2 processes fewer
+        "rollout.enforce_eager=true", "rollout.engine_in_process=true",  # the engine in the worker: 2 processes fewer
         f"train.steps={args.steps}", "train.eval_at_end=false", "train.eval_every=0", "train.save_every=0",
         "train.checkpoint_every=0", "train.resume=false",
         "logging.wandb=false", "logging.progress_bar=false", f"logging.run_dir={run_dir}"]
@@ -163,9 +161,8 @@ class StepEcho:
         self.seen = len(rows)
 
 
-# glibc keeps freed blocks below its mmap threshold, which grows to 32 MB as large tensors are freed; a fixed
-# 1 MiB threshold hands every larger tensor back to the system when freed (the Ray processes started by this
-# one inherit it). The learner ranks otherwise hold about 1 GiB more between steps than their states need.
+# glibc's mmap threshold grows to 32 MB as large tensors are freed, and freed blocks below it stay in the heap; fixed
+# at 1 MiB (inherited by the Ray processes started here), every larger tensor goes back to the system when freed.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
