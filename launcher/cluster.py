@@ -28,8 +28,8 @@ def actor_env(cfg: Config) -> dict:
         # vLLM logs a line per weight update at INFO; export VLLM_LOGGING_LEVEL=INFO to see them.
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
-    if kv_cache_space(cfg.rollout.kv_cache_gib) is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_space(cfg.rollout.kv_cache_gib)
+    if (space := kv_cache_space(cfg.rollout.kv_cache_gib)) is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = space
     if cfg.cluster.device == "cpu":
         # Several actors share few cores; one OpenMP thread each avoids oversubscription stalls.
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cluster.cpus_per_actor)))

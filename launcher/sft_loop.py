@@ -17,7 +17,7 @@ import time
 from launcher import driver
 from launcher.config import Config
 from launcher.metrics import SFT_STEP_KEYS
-from launcher.trainer import RunResult, Trainer, launch
+from launcher.trainer import RunResult, Trainer, eval_summary, launch, print_result
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,14 @@ class SFTTrainer(Trainer):
         cfg, history = self.cfg, self.history
         window = max(1, min(10, len(history) // 2))
         mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
-        out = {"method": "sft", "target": cfg.sft.target, "steps": len(history), "epochs": history[-1]["epoch"],
-               f"first{window}/loss": mean(history[:window]), f"last{window}/loss": mean(history[-window:])}
-        if self.evals:
-            out["eval/base"] = {name: r["accuracy"] for name, r in self.evals[min(self.evals)].items()}
-            out["eval/final"] = {name: r["accuracy"] for name, r in self.evals[max(self.evals)].items()}
-        return out
+        return {"method": self.method, "target": cfg.sft.target, "steps": len(history),
+                "epochs": history[-1]["epoch"], f"first{window}/loss": mean(history[:window]),
+                f"last{window}/loss": mean(history[-window:]), **eval_summary(self.evals)}
 
 
 def print_summary(result: RunResult) -> None:
     s = result.summary
-    print(f"\nrun directory: {result.run_dir}")
-    print(f"final policy:  {result.final_dir}")
     first = next(v for k, v in s.items() if k.startswith("first") and k.endswith("/loss"))
     last = next(v for k, v in s.items() if k.startswith("last") and k.endswith("/loss"))
-    print(f"sft loss ({s['target']}) first steps {first:.4f} -> last steps {last:.4f} over {s['epochs']:.2f} epochs")
-    if "eval/final" in s:
-        print("held-out accuracy (start -> end):")
-        for name, acc in s["eval/final"].items():
-            print(f"  {name:8s} {s['eval/base'].get(name, float('nan')):.3f} -> {acc:.3f}")
+    print_result(result, [f"sft loss ({s['target']}) first steps {first:.4f} -> last steps {last:.4f} over "
+                          f"{s['epochs']:.2f} epochs"])

@@ -9,7 +9,8 @@ from launcher import driver
 from launcher.config import Config
 from launcher.metrics import logprob_mismatch
 from launcher.overlap import RolloutQueue
-from launcher.trainer import LearnerRankLost, RunResult, Trainer, launch  # noqa: F401  (the command's results)
+from launcher.trainer import (  # noqa: F401  (LearnerRankLost: the command's results)
+    LearnerRankLost, RunResult, Trainer, eval_summary, launch, print_result)
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +117,14 @@ def _summarize(history: list[dict], evals: dict) -> dict:
     lags = [r["staleness/max"] for r in history if "staleness/max" in r]
     if lags:
         out["staleness/mean"], out["staleness/max"] = sum(lags) / len(lags), max(lags)
-    if evals:
-        first, last = min(evals), max(evals)
-        out["eval/base"] = {name: r["accuracy"] for name, r in evals[first].items()}
-        out["eval/final"] = {name: r["accuracy"] for name, r in evals[last].items()}
-    return out
+    return {**out, **eval_summary(evals)}
 
 
 def print_summary(result: RunResult) -> None:
-    s = result.summary
-    print(f"\nrun directory: {result.run_dir}")
-    print(f"final policy:  {result.final_dir}")
+    s, lines = result.summary, []
     for key in ("reward/accuracy", "reward/format", "reward/total"):
         first = next((v for k, v in s.items() if k.startswith("first") and k.endswith(key)), None)
         last = next((v for k, v in s.items() if k.startswith("last") and k.endswith(key)), None)
         if first is not None and last is not None:
-            print(f"{key:18s} first steps {first:.3f} -> last steps {last:.3f}")
-    if "eval/final" in s:
-        print("held-out accuracy (start -> end):")
-        for name, acc in s["eval/final"].items():
-            print(f"  {name:8s} {s['eval/base'].get(name, float('nan')):.3f} -> {acc:.3f}")
+            lines.append(f"{key:18s} first steps {first:.3f} -> last steps {last:.3f}")
+    print_result(result, lines)

@@ -171,6 +171,27 @@ class Trainer:
         return RunResult(self.run_dir, final_dir, summary)
 
 
+def eval_summary(evals: dict) -> dict:
+    """The first and the last evaluation's accuracy per set (`eval/base`, `eval/final`); empty without one."""
+    if not evals:
+        return {}
+    return {"eval/base": {name: r["accuracy"] for name, r in evals[min(evals)].items()},
+            "eval/final": {name: r["accuracy"] for name, r in evals[max(evals)].items()}}
+
+
+def print_result(result: RunResult, lines: list[str]) -> None:
+    """The command's last words: where the run is, the algorithm's own `lines`, the held-out accuracy."""
+    s = result.summary
+    print(f"\nrun directory: {result.run_dir}")
+    print(f"final policy:  {result.final_dir}")
+    for line in lines:
+        print(line)
+    if "eval/final" in s:
+        print("held-out accuracy (start -> end):")
+        for name, acc in s["eval/final"].items():
+            print(f"  {name:8s} {s['eval/base'].get(name, float('nan')):.3f} -> {acc:.3f}")
+
+
 def launch(trainer_class: type[Trainer], cfg: Config) -> RunResult:
     """The whole command: a fresh run, or the resume of the run dir's newest intact checkpoint."""
     run_dir = driver.make_run_dir(cfg)
