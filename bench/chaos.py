@@ -10,7 +10,7 @@ Faults (each once, at least 3 steps apart; the next one only after the run logge
 Recovery time: from the signal to the next step row in metrics.jsonl.
 
 Checks (exit 1 if one fails): every step 1..N exactly once in metrics.jsonl; reward/accuracy of the last 10
-steps minus the first 10 >= tests/test_learning_run.py's MARGIN (its SETTING is used, from the format-warmed tiny
+steps minus the first 10 >= tests/commands/test_learning_run.py's MARGIN (its SETTING is used, from the format-warmed tiny
 model that tests/conftest.py builds); each step's metric row (time/*, throughput/*, faults/* left out) against an
 undisturbed run of the same config (`--reference DIR`, else one is run and cached under
 runs/chaos/reference-<hash of config, model and code>): steps before the first fault must be equal, and steps a
@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "commands"), str(ROOT / "bench")]
 from cluster_utils import descendants, left_over, own_session, ray_session_dir  # noqa: E402
 from test_learning_run import MARGIN, SETTING  # noqa: E402
 

@@ -8,7 +8,7 @@
 #
 #   bench/device_check.sh [--tiny] [--wheels DIR] [--target DIR] [--out DIR] [--steps N] [--timeout S]
 #
-# --tiny runs the same path at the test model's shape on CPU in fp32 (what tests/test_device_check.py does here
+# --tiny runs the same path at the test model's shape on CPU in fp32 (what tests/repo/test_device_check.py does here
 # with no network). From the device tool, in the repository root (a command of under 2,000 characters):
 #   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
 set -euo pipefail

@@ -1,6 +1,6 @@
 """How much the learning run's verdict depends on the seed and on the float path, measured the test's way.
 
-tests/test_learning_run.py asserts that reward/accuracy rises by MARGIN from the first to the last 10 of
+tests/commands/test_learning_run.py asserts that reward/accuracy rises by MARGIN from the first to the last 10 of
 its 50 steps. A trajectory depends on the seed and, through the order of float sums, on the machine. This
 runs the test's very config (its `learning_config`, from the same format-warmed tiny model that
 tests/conftest.py builds) under several `train.seed` values, once as the test runs it and once with
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "commands")]
 
 FLOAT_PATHS = {"as tested": [], "micro-batch 8": ["learner.micro_batch_size=8"]}
 CONTROL = ["learner.lr=1e-12"]  # the same sampling, no learning (the config asks for a positive rate)

@@ -1,4 +1,4 @@
-"""LoRA against full fine-tuning on tests/test_learning_run.py's setting: learning, sync/bytes, learner memory.
+"""LoRA against full fine-tuning on tests/commands/test_learning_run.py's setting: learning, sync/bytes, learner memory.
 
 Each run is the learning test's config (`learning_config`: 50 steps, seed 0, `learner.mu=2`, weights pushed every
 2 steps, beta 0.04, from the format-warmed tiny model of tests/conftest.py, built once into runs/chaos/model/ as
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "commands"), str(ROOT / "bench")]
 
 from proc_memory import GIB, TreeMemorySampler  # noqa: E402
 

@@ -113,27 +113,27 @@ def prompt_shape(cfg) -> dict:
 
 
 def remember_actor_pids(pids: dict):
-    """Wrap launcher.driver.start_actors (for this run only) to learn each learner rank's pid and the
-    rollout worker's processes; returns the undo. Without them, processes are told apart by title."""
+    """Wrap launcher.controller.Controller.start (for this run only) to learn each learner rank's pid and
+    the rollout worker's processes; returns the undo. Without them, processes are told apart by title."""
     import ray
 
-    from launcher import driver
+    from launcher.controller import Controller
 
-    original = driver.start_actors
+    original = Controller.start
 
-    def start_actors(cfg, model_path):
-        actors = original(cfg, model_path)
+    def start(cfg, model_path, faults_dir=None):
+        controller = original(cfg, model_path, faults_dir)
         pids["started"] = time.perf_counter()
         try:
-            calls = [a.__ray_call__.remote(lambda self: (self.rank, os.getpid())) for a in actors.learners.actors]
+            calls = [a.__ray_call__.remote(lambda self: (self.rank, os.getpid())) for a in controller.learners.actors]
             pids["learners"] = dict(ray.get(calls, timeout=120))
-            pids["workers"] = [list(p) for p in actors.worker_pids]
+            pids["workers"] = [list(p) for p in controller.worker_pids]
         except Exception as exc:  # the measurement falls back on process titles
             pids["error"] = repr(exc)
-        return actors
+        return controller
 
-    driver.start_actors = start_actors
-    return lambda: setattr(driver, "start_actors", original)
+    Controller.start = start
+    return lambda: setattr(Controller, "start", original)
 
 
 class StepEcho:

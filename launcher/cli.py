@@ -22,7 +22,7 @@ def _cmd_train(args) -> int:
     # Start-up has nothing to save, so a signal stops it at once (Slurm's scancel gives KillWait, 30 s by
     # default, before SIGKILL; the format warm-up and the engines' start take longer). Once the loop can
     # checkpoint, run_training defers stops to the next step boundary.
-    stops.install_handlers(immediate=True)
+    stops.SIGNALS.install_handlers(immediate=True)
     from launcher.train_loop import print_summary, run_training
 
     cfg = load_config(args.config, args.overrides)
@@ -32,7 +32,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    stops.install_handlers(immediate=True)  # no full checkpoints to write: a signal ends the run at once
+    stops.SIGNALS.install_handlers(immediate=True)  # no full checkpoints to write: a signal ends the run at once
     from launcher.sft_loop import print_summary, run_sft
 
     cfg = load_config(args.config, args.overrides)
@@ -82,7 +82,7 @@ def _build_random_model(args) -> tuple[str, str]:
 def _cmd_eval(args) -> int:
     from launcher.eval_cmd import run_eval
 
-    stops.install_handlers(immediate=True)  # nothing to save: a signal ends the evaluation at once
+    stops.SIGNALS.install_handlers(immediate=True)  # nothing to save: a signal ends the evaluation at once
     cfg = load_config(args.config, args.overrides)
     summary = run_eval(cfg, args.checkpoint, Path(args.out) if args.out else None)
     for name, r in summary["results"].items():
@@ -204,14 +204,14 @@ def _failure(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, stops.StopRequested):
         return exc.exit_code, str(exc)
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        name = stops.last_signal()
+        name = stops.SIGNALS.last_signal()
         if isinstance(exc, SystemExit) and name is None:
             if exc.code != signal.SIGTERM:
                 return None  # argparse's exits and explicit sys.exit calls keep their code
             name = "SIGTERM"  # ray.init's own handler, in place until ours are put back, exits with 15
         name = name or "SIGINT"  # a KeyboardInterrupt before the handlers were installed
         return stops.exit_code_of(name), f"stopped at once by {name}"
-    name = stops.requested()
+    name = stops.SIGNALS.requested()
     if name is not None:  # e.g. Ctrl-C reached the actors too: the stop is the reason, the error its echo
         return stops.exit_code_of(name), f"stopped by {name} ({_one_line(exc)})"
     remote = _remote_error(exc)
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     try:
         code = _run(args)
     finally:
-        stops.shield()  # the signal that forwards a scancel must not cut the clean-up short
+        stops.SIGNALS.shield()  # the signal that forwards a scancel must not cut the clean-up short
         disconnected = _shutdown_ray()
     if not disconnected:  # skip Ray's exit handler, which would wait for the gone GCS
         logging.shutdown()

@@ -21,7 +21,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
     if not eval_sets:
         raise ValueError(f"no evaluation records of modalities {list(cfg.data.eval_modalities)}")
     cluster.start_ray(cfg)
-    stops.reinstall()  # ray.init replaced the SIGTERM handler
+    stops.SIGNALS.reinstall()  # ray.init replaced the SIGTERM handler
     placement = cluster.place(cfg, with_learners=False)  # the training placement, without learner bundles
     workers = cluster.start_workers(cfg, placement, checkpoint)
     try:
@@ -32,6 +32,6 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: Path | None) -> dict:
         write_outputs(out_dir, results, rows, meta)
     finally:
         # After a stop signal no graceful call: an engine still starting would hold it up for a minute.
-        workers.shutdown(None if stops.last_signal() else "shutdown")
+        workers.shutdown(None if stops.SIGNALS.last_signal() else "shutdown")
         placement.remove()
     return {"results": results, "out_dir": str(out_dir)}

@@ -11,15 +11,24 @@ from medvqa.record import MedVQARecord
 
 # Runs `generate_greedy` with one args tuple per worker (None: none for that worker); returns the
 # results of the workers given args, in worker order. A training run passes one that replaces a worker
-# that dies or misses its deadline and runs its shard again (launcher/driver.py).
+# that dies or misses its deadline and runs its shard again (launcher/controller.py:Controller.evaluate).
 ShardRunner = Callable[[list, str], list]
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous shards whose sizes differ by at most one."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 def greedy_completions(workers: ActorGroup, records: list[MedVQARecord], max_new_tokens: int,
                        run: Optional[ShardRunner] = None) -> list:
     """(text, num_tokens, finish_reason) per record, the records spread over the workers in order."""
-    from launcher.driver import split_evenly
-
     shards = split_evenly(records, len(workers))
     args, doing = [(s, max_new_tokens) if s else None for s in shards], f"evaluating {len(records)} records"
     results = run(args, doing) if run else workers.call_each("generate_greedy", args, doing=doing)

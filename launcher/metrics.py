@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.config import LoggingConfig
+from protocol.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ SFT_STEP_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "num_tokens", "time
 
 
 # Mean |learner - engine| log-prob per token of a batch sampled with the learner's own weights, above which more
-# than kernel rounding differs. fp32 on CPU stays near 1e-5 (tests/test_learning_run.py); bf16 keeps 8 bits.
+# than kernel rounding differs. fp32 on CPU stays near 1e-5 (tests/commands/test_learning_run.py); bf16 keeps 8 bits.
 LOGPROB_AGREEMENT = {"fp32": 1e-3, "bf16": 1e-2, "fp16": 1e-2}
 
 
@@ -42,6 +43,32 @@ def logprob_mismatch(row: dict, precision: str, sync_every: int = 1) -> Optional
             "a tensor that did not reach the engine (a tied or renamed weight), other image preprocessing on the two "
             "sides (min/max_pixels), or the engine's sampler and kernels (on GPU vLLM's V2 model runner; "
             "VLLM_USE_V2_MODEL_RUNNER=0 selects V1). Shown once per run.")
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict:
+    """A rollout batch's step-row numbers: mean rewards, response lengths, the truncated fraction."""
+    n = batch.num_samples
+    lengths = [len(c) for c in batch.completion_token_ids]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {f"reward/{k}": mean(v) for k, v in batch.rewards.items()}
+    out["reward/total"] = mean(batch.total_rewards)
+    out["response_length/mean"] = mean(lengths)
+    out["response_length/max"] = max(lengths)
+    out["response_length/truncated_fraction"] = sum(f == "length" for f in batch.finish_reasons) / n
+    return out
+
+
+def sample_rows(batch: RolloutBatch, records: list, count: int) -> list[dict]:
+    """The first `count` samples of a batch as sample-table rows (image, prompt, completion, rewards)."""
+    from medvqa.prompt import question_text
+
+    rows = []
+    for i in range(min(count, batch.num_samples)):
+        rec = records[i // batch.group_size]
+        rows.append({"image": rec.load_image(), "prompt": question_text(rec), "completion": batch.completion_texts[i],
+                     "reward/total": batch.total_rewards[i], "answer": rec.answer, "modality": rec.modality,
+                     "record_id": rec.id, **{f"reward/{k}": v[i] for k, v in batch.rewards.items()}})
+    return rows
 
 
 def _clean(value):

@@ -23,8 +23,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from launcher import driver
 from launcher.config import Config
+from launcher.controller import Controller, PendingRollout
 from launcher.data import PromptSampler
 from launcher.dynamic_sampling import keep_signal, zero_signal_fraction
 from protocol.batch import RolloutBatch
@@ -60,45 +60,45 @@ class Taken:
 class _Sent:
     step: int
     sampler_state: dict  # the sampler before this batch was drawn
-    rollout: driver.PendingRollout
+    rollout: PendingRollout
 
 
 class RolloutQueue:
     """The rollout batches sent to the workers and not yet trained on, oldest first."""
 
-    def __init__(self, cfg: Config, sampler: PromptSampler, done_steps: int = 0):
-        self.cfg, self.sampler = cfg, sampler
+    def __init__(self, cfg: Config, sampler: PromptSampler, controller: Controller, done_steps: int = 0):
+        self.cfg, self.sampler, self.controller = cfg, sampler, controller
         self.sent: collections.deque[_Sent] = collections.deque()
         self.next_step = done_steps + 1  # the next batch to draw and send
 
-    def send_ahead(self, actors: driver.Actors, step: int) -> None:
+    def send_ahead(self, step: int) -> None:
         """Send every batch from the next unsent one up to step + max_staleness (within the drain bound)."""
         last = min(step + self.cfg.train.max_staleness, drain_step(self.cfg, step))
         while self.next_step <= last:
             state = self.sampler.state()
             records = self.sampler.draw(self.cfg.rollout.prompts_per_step)
-            pending = driver.submit_generate(actors, records, step_seed(self.cfg, self.next_step))
+            pending = self.controller.submit_generate(records, step_seed(self.cfg, self.next_step))
             self.sent.append(_Sent(self.next_step, state, pending))
             self.next_step += 1
 
-    def take(self, actors: driver.Actors, step: int) -> Taken:
+    def take(self, step: int) -> Taken:
         """Step `step`'s batch, waiting for it if it is still being sampled; with grpo.dynamic_sampling,
         its groups without signal are replaced by groups of prompts drawn and sampled now."""
         if not self.sent or self.sent[0].step != step:
             have = [s.step for s in self.sent]
             raise RuntimeError(f"step {step}: its rollout batch was never sent (batches in flight: {have})")
         sent = self.sent.popleft()
-        batch, records = driver.collect(actors, sent.rollout), sent.rollout.records
+        batch, records = self.controller.collect(sent.rollout), sent.rollout.records
         stats = {"groups/zero_signal_fraction": zero_signal_fraction(batch)}
         if not self.cfg.grpo.dynamic_sampling:
             return Taken(batch, records, batch, stats)
 
         def resample(count: int, round_: int) -> tuple[RolloutBatch, list]:
             more = self.sampler.draw(count)
-            return driver.generate(actors, more, resample_seed(self.cfg, step, round_)), more
+            return self.controller.generate(more, resample_seed(self.cfg, step, round_)), more
 
         kept = keep_signal(batch, records, self.cfg.rollout.prompts_per_step, resample,
-                           self.cfg.grpo.max_resample_rounds, min_groups=len(actors.learners))
+                           self.cfg.grpo.max_resample_rounds, min_groups=len(self.controller.learners))
         return Taken(kept.batch, kept.records, batch, {**stats, **kept.stats})
 
     def queued_prompts(self) -> int:

@@ -14,7 +14,6 @@ import logging
 import math
 import time
 
-from launcher import driver
 from launcher.config import Config
 from launcher.metrics import SFT_STEP_KEYS
 from launcher.trainer import RunResult, Trainer, eval_summary, launch, print_result
@@ -61,13 +60,10 @@ class SFTTrainer(Trainer):
         return learner_view(cfg, steps)
 
     def train_step(self) -> dict:
-        cfg, actors = self.cfg, self.actors
+        cfg, controller = self.cfg, self.controller
         t0 = time.perf_counter()
         records = self.sampler.draw(cfg.sft.batch_size)
-        world = len(actors.learners)
-        calls = actors.learners.submit_each("train_sft", [(records[r::world], cfg.sft.target) for r in range(world)])
-        stats = driver.wait_naming_the_late(calls, "training (sft)",
-                                            driver.learner_timeout(cfg, -(-len(records) // world)))
+        stats = controller.train_sft(records, cfg.sft.target)
         elapsed = time.perf_counter() - t0
         s = stats[0]  # every rank returns the step's numbers over all ranks
         return {"step": self.step, "epoch": self.sampler.epoch + self.sampler.position / len(self.sampler.records),
@@ -79,7 +75,7 @@ class SFTTrainer(Trainer):
         """The rollout workers evaluate: they need the learner's weights first."""
         if self.step > 0:
             self.version += 1
-            driver.sync_weights(self.actors, self.version)
+            self.controller.sync(self.version)
 
     def summarize(self) -> dict:
         cfg, history = self.cfg, self.history

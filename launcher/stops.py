@@ -34,15 +34,6 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 ECHO_S = 2.0  # a SIGTERM this soon after the previous one repeats it
 
-_requested: Optional[str] = None  # the first signal received
-_last: Optional[str] = None  # the most recent one (the one that forced an immediate stop)
-_immediate = False
-_installed = False
-_shielded = False
-_held: Optional[str] = None  # a signal received while shielded, not acted on
-_last_sigterm = float("-inf")  # time.monotonic() of the previous SIGTERM
-_previous: dict = {}  # the handlers found at the first install, put back by reset()
-
 
 def exit_code_of(signame: str) -> int:
     return EXIT_CODES.get(signame, 1)
@@ -73,81 +64,87 @@ class StopNow(KeyboardInterrupt):
         return exit_code_of(self.signame)
 
 
-def _handle(signum, frame) -> None:
-    global _requested, _last, _held, _last_sigterm
-    name = signal.Signals(signum).name
-    if name == "SIGTERM":
-        now, previous = time.monotonic(), _last_sigterm
-        _last_sigterm = now
-        if now - previous < ECHO_S:
-            return  # the same stop, delivered both by Slurm and by the batch script
-    _last = name
-    if _shielded and _held is None:
-        _held = name
-        return
-    if _immediate or (_requested is not None and name in ("SIGINT", "SIGTERM")):
-        shield()  # the clean-up that follows is kept from the next signal
-        raise StopNow(name)
-    if _requested is None:
-        _requested = name
+class StopSignals:
+    """The stop signals this process received and how it acts on them. Signal handlers belong to the
+    process, so the command line uses the one `SIGNALS`; the run skeleton and the controller are handed it
+    (launcher/trainer.py:launch), and a test may hand them a fresh one and call `request` itself."""
+
+    def __init__(self):
+        self.requested_signal: Optional[str] = None  # the first signal received
+        self.last: Optional[str] = None  # the most recent one (the one that forced an immediate stop)
+        self.immediate = False
+        self.installed = False
+        self.shielded = False
+        self.held: Optional[str] = None  # a signal received while shielded, not acted on
+        self.last_sigterm = float("-inf")  # time.monotonic() of the previous SIGTERM
+        self.previous: dict = {}  # the handlers found at the first install, put back by reset()
+
+    def request(self, name: str) -> None:
+        """Act on the stop signal `name` as the handler does (a second SIGINT or SIGTERM stops at once)."""
+        if name == "SIGTERM":
+            now, previous = time.monotonic(), self.last_sigterm
+            self.last_sigterm = now
+            if now - previous < ECHO_S:
+                return  # the same stop, delivered both by Slurm and by the batch script
+        self.last = name
+        if self.shielded and self.held is None:
+            self.held = name
+            return
+        if self.immediate or (self.requested_signal is not None and name in ("SIGINT", "SIGTERM")):
+            self.shield()  # the clean-up that follows is kept from the next signal
+            raise StopNow(name)
+        if self.requested_signal is None:
+            self.requested_signal = name
+
+    def _handle(self, signum, frame) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def install_handlers(self, immediate: bool = False) -> None:
+        """Handle SIGINT, SIGTERM and SIGUSR1 in this (main) thread. With `immediate`, for a command that
+        has nothing to save (evaluation), the first signal already stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python allows signal handlers in the main thread only
+        self.immediate, self.installed = immediate, True
+        for sig in _SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self.previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
+
+    def defer(self) -> None:
+        """From now on the first signal is only recorded, for the loop to act on at its next step boundary
+        (after a checkpoint); a second SIGINT or SIGTERM still stops at once."""
+        self.immediate = False
+
+    def shield(self) -> None:
+        """From now on (the command's clean-up) the next signal is held, not raised; one after it still is."""
+        self.shielded = True
+
+    def reinstall(self) -> None:
+        """Put the handlers back after `ray.init`, which replaces the SIGTERM handler with its own (one
+        that exits with code 1 or aborts). Does nothing where `install_handlers` was never called
+        (a library use of the loop keeps its host's handlers)."""
+        if self.installed:
+            self.install_handlers(self.immediate)
+
+    def requested(self) -> Optional[str]:
+        """The name of the first stop signal received ("SIGTERM", ...), or None."""
+        return self.requested_signal
+
+    def last_signal(self) -> Optional[str]:
+        """The name of the most recent stop signal received, or None."""
+        return self.last
+
+    def check(self, checkpoint: Optional[str] = None) -> None:
+        """Raise StopRequested if a stop was requested: between start-up phases (no checkpoint yet), or at a
+        step boundary with the checkpoint just written."""
+        if self.requested_signal is not None:
+            raise StopRequested(self.requested_signal, checkpoint)
+
+    def reset(self) -> None:
+        """Forget received signals and put back the handlers found at the first install (for tests)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in self.previous.items():
+                signal.signal(sig, previous)
+        self.__init__()
 
 
-def install_handlers(immediate: bool = False) -> None:
-    """Handle SIGINT, SIGTERM and SIGUSR1 in this (main) thread. With `immediate`, for a command that
-    has nothing to save (evaluation), the first signal already stops at once."""
-    global _immediate, _installed
-    if threading.current_thread() is not threading.main_thread():
-        return  # Python allows signal handlers in the main thread only
-    _immediate, _installed = immediate, True
-    for sig in _SIGNALS:
-        previous = signal.signal(sig, _handle)
-        _previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
-
-
-def defer() -> None:
-    """From now on the first signal is only recorded, for the loop to act on at its next step boundary
-    (after a checkpoint); a second SIGINT or SIGTERM still stops at once."""
-    global _immediate
-    _immediate = False
-
-
-def shield() -> None:
-    """From now on (the command's clean-up) the next signal is held, not raised; one after it still is."""
-    global _shielded
-    _shielded = True
-
-
-def reinstall() -> None:
-    """Put the handlers back after `ray.init`, which replaces the SIGTERM handler with its own (one
-    that exits with code 1 or aborts). Does nothing where `install_handlers` was never called
-    (a library use of the loop keeps its host's handlers)."""
-    if _installed:
-        install_handlers(_immediate)
-
-
-def requested() -> Optional[str]:
-    """The name of the first stop signal received ("SIGTERM", ...), or None."""
-    return _requested
-
-
-def last_signal() -> Optional[str]:
-    """The name of the most recent stop signal received, or None."""
-    return _last
-
-
-def check(checkpoint: Optional[str] = None) -> None:
-    """Raise StopRequested if a stop was requested: between start-up phases (no checkpoint yet), or at a
-    step boundary with the checkpoint just written."""
-    if _requested is not None:
-        raise StopRequested(_requested, checkpoint)
-
-
-def reset() -> None:
-    """Forget received signals and put back the handlers found at the first install (for tests)."""
-    global _requested, _last, _immediate, _installed, _shielded, _held, _last_sigterm
-    if threading.current_thread() is threading.main_thread():
-        for sig, previous in _previous.items():
-            signal.signal(sig, previous)
-        _previous.clear()
-    _requested, _last, _immediate, _installed, _shielded, _held = None, None, False, False, False, None
-    _last_sigterm = float("-inf")
+SIGNALS = StopSignals()  # this process's

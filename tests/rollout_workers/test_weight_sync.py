@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cluster_utils import free_port
+from logprob_checks import hf_completion_logprobs
 
 from protocol import weight_update as wu
 
@@ -118,20 +119,6 @@ def test_resolve_backend():
 
 
 # ---- the exactness proof with vLLM-CPU in a Ray actor -------------------------------------------
-
-def hf_completion_logprobs(model, processor, record, completion: list[int]) -> list[float]:
-    """transformers' float32 log-probs of `completion` after the record's prompt and image."""
-    from medvqa.prompt import render_prompt
-
-    enc = processor(text=[render_prompt(record, processor)], images=[record.load_image()], return_tensors="pt")
-    ids = torch.cat([enc["input_ids"], torch.tensor([completion])], dim=1)
-    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
-                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0].float()
-    k = len(completion)
-    logp = torch.log_softmax(logits[-k - 1:-1], dim=-1)
-    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
 def perturb_and_export(model, seed: int, out_dir: Path, skip: str = "\0") -> list[tuple[str, torch.Tensor]]:

@@ -10,34 +10,36 @@ import time
 import pytest
 import ray
 from cluster_utils import REPO_ROOT, own_session
-from test_resume import _assert_same_steps, _cut_back_to, _latest_step, _overrides, _steps
+from resume_checks import assert_same_steps, cut_back_to, latest_step, run_overrides, step_rows
 
-from launcher import checkpoints, cluster, driver
+from launcher import checkpoints, cluster
+from launcher.controller import Controller
+from launcher.metrics import rollout_metrics
 from launcher.config import load_config
 from launcher.data import PromptSampler, build_datasets
 from launcher.overlap import drain_step, step_seed
 
 
 def _config(model, run_dir, *extra):
-    return load_config("configs/tiny_cpu.yaml", _overrides(model, run_dir, *extra))
+    return load_config("configs/tiny_cpu.yaml", run_overrides(model, run_dir, *extra))
 
 
 def _sequential_reference(cfg, steps: int) -> list[dict]:
     """Generate, train, sync in turn, straight through the driver: the strictly on-policy loop."""
     train_records, _ = build_datasets(cfg.data)
     cluster.start_ray(cfg)
-    actors = driver.start_actors(cfg, cfg.model.path)
+    actors = Controller.start(cfg, cfg.model.path)
     try:
         sampler, rows = PromptSampler(train_records, cfg.train.seed), []
         for step in range(1, steps + 1):
             records = sampler.draw(cfg.rollout.prompts_per_step)
-            batch = driver.generate(actors, records, seed=cfg.train.seed * 100_003 + step * 1009)
-            stats = driver.train(actors, batch, records)
-            driver.sync_weights(actors, step)
-            rows.append({**driver.rollout_metrics(batch), **stats, "rollout_weight_version": batch.weight_version})
+            batch = actors.generate(records, seed=cfg.train.seed * 100_003 + step * 1009)
+            stats = actors.train(batch, records)
+            actors.sync(step)
+            rows.append({**rollout_metrics(batch), **stats, "rollout_weight_version": batch.weight_version})
         return rows
     finally:
-        driver.stop_actors(actors)
+        actors.stop()
         ray.shutdown()
 
 
@@ -50,7 +52,7 @@ def test_no_staleness_is_the_sequential_loop_bit_for_bit(warmed_model, tmp_path)
     assert cfg.train.max_staleness == 0 and cfg.grpo.tis_cap == 2.0  # the defaults
     run_training(cfg)
     ray.shutdown()
-    logged = _steps(tmp_path / "run")
+    logged = step_rows(tmp_path / "run")
     reference = _sequential_reference(cfg, 3)
     assert len(logged) == len(reference) == 3
     assert any(r["grad_norm"] > 0 for r in reference), "no learning signal: the comparison would be vacuous"
@@ -69,7 +71,7 @@ def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_mode
     ref_dir = tmp_path / "uninterrupted"
     summary = run_training(_config(warmed_model, ref_dir, *extra)).summary
     ray.shutdown()
-    rows = _steps(ref_dir)
+    rows = step_rows(ref_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     # Versions published before training minus the version sampled with; the pipeline refills after each
     # checkpoint (steps 3 and 6), so the batches of steps 1 and 4 are fresh and the others one version old.
@@ -85,10 +87,10 @@ def test_one_step_of_staleness_is_bounded_logged_and_resumed_exactly(warmed_mode
     assert all(r["sync/bytes"] > 1e6 for r in rows)  # the tiny model is about 3 MB
 
     resumed_dir = tmp_path / "resumed"
-    _cut_back_to(ref_dir, resumed_dir, 3)
+    cut_back_to(ref_dir, resumed_dir, 3)
     run_training(_config(warmed_model, resumed_dir, *extra))
     ray.shutdown()
-    _assert_same_steps(_steps(resumed_dir), rows, after=3)
+    assert_same_steps(step_rows(resumed_dir), rows, after=3)
 
 
 @pytest.mark.slow
@@ -105,7 +107,7 @@ def test_dynamic_sampling_with_staleness_refills_and_resumes_exactly(warmed_mode
     ref_dir = tmp_path / "uninterrupted"
     run_training(_config(warmed_model, ref_dir, *extra))
     ray.shutdown()
-    rows = _steps(ref_dir)
+    rows = step_rows(ref_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # Pushes at steps 2, 4, 6 and at the step-3 checkpoint: version 4 after step 4 (not 2).
     assert [r["weight_version"] for r in rows] == [0, 1, 1, 3, 3, 4]
@@ -117,11 +119,11 @@ def test_dynamic_sampling_with_staleness_refills_and_resumes_exactly(warmed_mode
     assert checkpoints.read_state(checkpoints.latest(ref_dir))["sampler"] == {"epoch": 0, "position": drawn}
 
     resumed_dir = tmp_path / "resumed"
-    _cut_back_to(ref_dir, resumed_dir, 3)
+    cut_back_to(ref_dir, resumed_dir, 3)
     run_training(_config(warmed_model, resumed_dir, *extra))
     ray.shutdown()
-    resumed = _steps(resumed_dir)
-    _assert_same_steps(resumed, rows, after=3)
+    resumed = step_rows(resumed_dir)
+    assert_same_steps(resumed, rows, after=3)
     keys = ("groups/zero_signal_fraction", "resample/rounds", "resample/prompts", "groups/trained")
     assert [{k: r[k] for k in keys} for r in resumed[3:]] == [{k: r[k] for k in keys} for r in rows[3:]]
 
@@ -133,16 +135,16 @@ def test_a_stop_between_checkpoints_discards_the_batch_in_flight(warmed_model, t
     before that batch's draw, and the resumed run samples it again (fresh) and finishes every step once."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml",
-           *_overrides(warmed_model, run_dir, "train.max_staleness=1", "train.steps=6", "train.checkpoint_every=0")]
+           *run_overrides(warmed_model, run_dir, "train.max_staleness=1", "train.steps=6", "train.checkpoint_every=0")]
     with own_session(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.monotonic() + 600
-        while not (run_dir / "metrics.jsonl").exists() or not _steps(run_dir):
+        while not (run_dir / "metrics.jsonl").exists() or not step_rows(run_dir):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before step 1"
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
-    stopped_at = _latest_step(run_dir)
+    stopped_at = latest_step(run_dir)
     assert 1 <= stopped_at < 6, stopped_at
     state = checkpoints.read_state(checkpoints.latest(run_dir))
     # 4 prompts per step: s steps drawn, the batch in flight given back.
@@ -150,7 +152,7 @@ def test_a_stop_between_checkpoints_discards_the_batch_in_flight(warmed_model, t
 
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = _steps(run_dir)
+    rows = step_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     lag = [r["weight_version"] - 1 - r["rollout_weight_version"] for r in rows]
     assert lag[0] == 0 and lag[stopped_at] == 0 and max(lag) == 1  # resumed with a fresh batch

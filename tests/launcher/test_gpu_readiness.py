@@ -14,7 +14,7 @@ from launcher.config import ConfigError, load_config
 from protocol import weight_update as wu
 from protocol.profile import ProfileError, check_torch_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- a CPU-only torch under cluster.device=gpu -------------------------------------------------------

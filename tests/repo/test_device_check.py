@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The lent machine's image ('cuda'), as the device tool's KINDS.md lists it (2026-11-17): the packages among
 # these that this venv has are linked into a bare venv; DeepSpeed, omegaconf, pydantic and hjson are not here.

@@ -15,9 +15,9 @@ from medvqa_files import write_jsonl
 
 @pytest.fixture(autouse=True)
 def _fresh_stops():
-    stops.reset()
+    stops.SIGNALS.reset()
     yield
-    stops.reset()  # `train` installs signal handlers in this process; put the previous ones back
+    stops.SIGNALS.reset()  # `train` installs signal handlers in this process; put the previous ones back
 
 
 def _run(capfd, *argv) -> tuple[int, list[str], str]:
@@ -138,13 +138,13 @@ def test_our_multi_line_message_becomes_one_line_keeping_its_end():
 
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 143)])
 def test_a_recorded_stop_ends_at_the_next_check_with_its_exit_code(signame, code):
-    stops.install_handlers()
-    assert stops.requested() is None
-    stops.check()  # nothing requested: no-op
+    stops.SIGNALS.install_handlers()
+    assert stops.SIGNALS.requested() is None
+    stops.SIGNALS.check()  # nothing requested: no-op
     signal.raise_signal(getattr(signal, signame))  # only recorded: this line returns
-    assert stops.requested() == signame
+    assert stops.SIGNALS.requested() == signame
     with pytest.raises(stops.StopRequested) as err:
-        stops.check()
+        stops.SIGNALS.check()
     assert err.value.exit_code == code and err.value.checkpoint is None
     assert _failure(err.value) == (code, f"stopped by {signame}; no checkpoint saved")
     assert _failure(stops.StopRequested(signame, "/runs/r/checkpoint-000040")) == (
@@ -155,22 +155,22 @@ def test_a_recorded_stop_ends_at_the_next_check_with_its_exit_code(signame, code
                                                  ("SIGUSR1", "SIGINT", 130), ("SIGTERM", "SIGINT", 130)])
 def test_a_second_signal_stops_at_once(first, second, code, monkeypatch):
     monkeypatch.setattr(stops, "ECHO_S", 0.0)  # a second SIGTERM long after the first
-    stops.install_handlers()
+    stops.SIGNALS.install_handlers()
     signal.raise_signal(getattr(signal, first))
     with pytest.raises(KeyboardInterrupt) as err:  # the one exception that leaves a blocking ray.get as it is
         signal.raise_signal(getattr(signal, second))
-    assert stops.requested() == first and stops.last_signal() == second
+    assert stops.SIGNALS.requested() == first and stops.SIGNALS.last_signal() == second
     assert err.value.exit_code == code and _failure(err.value) == (code, f"stopped at once by {second}")
 
 
 def test_a_sigterm_repeated_at_once_is_the_same_stop():
     """scancel signals the driver and the batch script, which forwards its SIGTERM: one request, not two."""
-    stops.install_handlers()
+    stops.SIGNALS.install_handlers()
     signal.raise_signal(signal.SIGTERM)
     signal.raise_signal(signal.SIGTERM)  # within ECHO_S: only recorded, this line returns
-    assert stops.requested() == "SIGTERM"
+    assert stops.SIGNALS.requested() == "SIGTERM"
     with pytest.raises(stops.StopRequested):
-        stops.check()
+        stops.SIGNALS.check()
     with pytest.raises(KeyboardInterrupt):  # a person's Ctrl-C after it still stops at once
         signal.raise_signal(signal.SIGINT)
 
@@ -178,7 +178,7 @@ def test_a_sigterm_repeated_at_once_is_the_same_stop():
 @pytest.mark.parametrize("immediate", [True, False])
 def test_the_clean_up_after_a_stop_is_kept_from_one_more_signal(immediate, monkeypatch):
     monkeypatch.setattr(stops, "ECHO_S", 0.0)
-    stops.install_handlers(immediate=immediate)
+    stops.SIGNALS.install_handlers(immediate=immediate)
     if not immediate:
         signal.raise_signal(signal.SIGTERM)  # recorded
     with pytest.raises(stops.StopNow):
@@ -191,8 +191,8 @@ def test_the_clean_up_after_a_stop_is_kept_from_one_more_signal(immediate, monke
 
 def test_reset_puts_back_the_previous_handlers():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    stops.install_handlers()
-    stops.install_handlers()  # again, as after ray.init: still the first-found handlers are kept
+    stops.SIGNALS.install_handlers()
+    stops.SIGNALS.install_handlers()  # again, as after ray.init: still the first-found handlers are kept
     assert signal.getsignal(signal.SIGTERM) is not before[0]
-    stops.reset()
+    stops.SIGNALS.reset()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -17,34 +17,7 @@ import pytest
 from launcher import checkpoints
 from launcher.config import ConfigError, load_config
 from cluster_utils import REPO_ROOT, own_session
-
-COMPARED = ("reward/total", "reward/accuracy", "loss", "grad_norm", "weight_version", "rollout_weight_version")
-
-
-def _overrides(model: str, run_dir: Path, *extra: str) -> list[str]:
-    return [f"model.path={model}", "model.build_tiny_if_missing=false", f"logging.run_dir={run_dir}",
-            "logging.progress_bar=false", "logging.wandb=false", "logging.sample_every=0",
-            "train.format_warmup_steps=0", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0",
-            "train.eval_at_end=false", "rollout.prompts_per_step=4", "rollout.group_size=4",
-            "rollout.max_new_tokens=24", "learner.micro_batch_size=8", "learner.lr=2e-3",
-            "cluster.cpus_per_actor=0.5", *extra]
-
-
-def _steps(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "reward/total" in r]
-
-
-def _cut_back_to(src: Path, dst: Path, step: int) -> None:
-    """`dst` as `src` was when its run was killed right after the checkpoint of `step` (later rows and
-    files included, as a killed run leaves them)."""
-    shutil.copytree(src, dst)
-    for later in (dst / "checkpoints").glob("step-*"):
-        if int(later.name.split("-")[1]) > step:
-            shutil.rmtree(later)
-    (dst / "checkpoints" / "latest").write_text(f"step-{step:06d}")
-    shutil.rmtree(dst / "final")
-    (dst / "summary.json").unlink()
+from resume_checks import assert_same_steps, latest_step, run_overrides, step_rows
 
 
 def _damage_newest(src: Path, dst: Path) -> Path:
@@ -60,14 +33,6 @@ def _damage_newest(src: Path, dst: Path) -> Path:
     return victim
 
 
-def _assert_same_steps(resumed: list[dict], reference: list[dict], after: int) -> None:
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # each step exactly once
-    moved = [r for r in reference if r["step"] > after]
-    assert any(r["grad_norm"] > 0 for r in moved), "no learning signal: the comparison would be vacuous"
-    for got, want in zip(resumed, reference):
-        assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, got["step"]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("ranks,stage", [(2, 3)])  # 1 rank ZeRO-2: the SIGKILL test below
@@ -78,7 +43,7 @@ def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage, caplog):
 
     extra = (f"learner.num_ranks={ranks}", f"learner.zero_stage={stage}")
     ref_dir = tmp_path / "uninterrupted"
-    reference = run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, ref_dir, *extra)))
+    reference = run_training(load_config("configs/tiny_cpu.yaml", run_overrides(warmed_model, ref_dir, *extra)))
     assert sorted(p.name for p in (ref_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
     assert reference.summary["last_checkpoint"].endswith("step-000004")
 
@@ -86,25 +51,18 @@ def test_resume_continues_exactly(warmed_model, tmp_path, ranks, stage, caplog):
     victim = _damage_newest(ref_dir, resumed_dir)
     size = (ref_dir / victim.relative_to(resumed_dir)).stat().st_size
     with caplog.at_level(logging.INFO, logger="launcher"):
-        resumed = run_training(load_config("configs/tiny_cpu.yaml", _overrides(warmed_model, resumed_dir, *extra)))
+        resumed = run_training(load_config("configs/tiny_cpu.yaml", run_overrides(warmed_model, resumed_dir, *extra)))
     damaged, intact = resumed_dir / "checkpoints/step-000004", resumed_dir / "checkpoints/step-000002"
     assert (f"checkpoint {damaged} is damaged: {victim.relative_to(damaged).as_posix()}: expected {size} bytes, "
             f"found {size // 2} bytes") in caplog.text
     assert f"resuming from {intact}, the newest intact checkpoint, instead of the damaged step-000004" in caplog.text
     assert f"resuming from {intact} (step 2)" in caplog.text
     assert resumed.summary["last_checkpoint"] == str(damaged) and checkpoints.damage(damaged) == []  # rewritten
-    _assert_same_steps(_steps(resumed_dir), _steps(ref_dir), after=2)
+    assert_same_steps(step_rows(resumed_dir), step_rows(ref_dir), after=2)
     from safetensors.torch import load_file
 
     a, b = load_file(str(ref_dir / "final/model.safetensors")), load_file(str(resumed_dir / "final/model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a)
-
-
-def _latest_step(run_dir: Path) -> int:
-    try:
-        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 @pytest.mark.slow
@@ -115,23 +73,23 @@ def test_sigkilled_run_resumes_exactly_with_one_rank(warmed_model, tmp_path):
     cmd = [sys.executable, "-m", "launcher", "train", "configs/tiny_cpu.yaml"]
     ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    subprocess.run(cmd + _overrides(warmed_model, ref_dir, "logging.wandb=true"), cwd=REPO_ROOT, env=env,
+    subprocess.run(cmd + run_overrides(warmed_model, ref_dir, "logging.wandb=true"), cwd=REPO_ROOT, env=env,
                    check=True, capture_output=True, timeout=1200)
-    with own_session(cmd + _overrides(warmed_model, killed_dir, "train.steps=40", "logging.wandb=true"), env=env,
+    with own_session(cmd + run_overrides(warmed_model, killed_dir, "train.steps=40", "logging.wandb=true"), env=env,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 1200
-        while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
     # leaving the block SIGKILLs the whole driver: Ray and vLLM with it
-    assert _latest_step(killed_dir) >= 2
-    killed_at = _latest_step(killed_dir)
-    done = subprocess.run(cmd + _overrides(warmed_model, killed_dir, "logging.wandb=true"), cwd=REPO_ROOT,
+    assert latest_step(killed_dir) >= 2
+    killed_at = latest_step(killed_dir)
+    done = subprocess.run(cmd + run_overrides(warmed_model, killed_dir, "logging.wandb=true"), cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    reference, resumed = _steps(ref_dir), _steps(killed_dir)
+    reference, resumed = step_rows(ref_dir), step_rows(killed_dir)
     if killed_at > 4:  # the kill came late: the resumed run had nothing left to do
         pytest.fail(f"the run was killed only after step {killed_at}")
-    _assert_same_steps(resumed, reference, after=killed_at)
+    assert_same_steps(resumed, reference, after=killed_at)
     ids = {p.name.rsplit("-", 1)[-1] for p in (killed_dir / "wandb").glob("offline-run-*")}
     assert len(ids) == 1, ids  # W&B continued the same run
 
@@ -213,9 +171,9 @@ def test_sigkilled_sft_run_resumes_exactly(tiny_model_dir, tmp_path):
     with own_session(cmd + _sft_overrides(tiny_model_dir, killed_dir, "sft.steps=40"), env=env,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 1200
-        while _latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while latest_step(killed_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-    killed_at = _latest_step(killed_dir)
+    killed_at = latest_step(killed_dir)
     assert 2 <= killed_at < 12, f"killed after step {killed_at}"
     done = subprocess.run(cmd + _sft_overrides(tiny_model_dir, killed_dir), cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)

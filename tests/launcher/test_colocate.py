@@ -129,12 +129,13 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
     import ray
     from transformers import AutoTokenizer
 
-    from launcher import cluster, driver
+    from launcher import cluster
+    from launcher.controller import Controller
     from launcher.data import build_datasets
 
     cfg = _cfg(tiny_model_dir, tmp_path / "run")
     records, _ = build_datasets(cfg.data)
-    actors = driver.start_actors(cfg, tiny_model_dir)
+    actors = Controller.start(cfg, tiny_model_dir)
     try:
         assert actors.placement.learner_bundles == actors.placement.worker_bundles == [0]
         bundles = ray.util.placement_group_table(actors.placement.group)["bundles"]
@@ -142,7 +143,7 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
         addr, drawn = cluster.rendezvous(actors.placement, 0, 2)
         assert len(set(drawn)) == 2
 
-        batch = driver.generate(actors, records[:4], seed=1)
+        batch = actors.generate(records[:4], seed=1)
         fixed = AutoTokenizer.from_pretrained(tiny_model_dir)("<think>dark</think><answer>A</answer>",
                                                               add_special_tokens=False)["input_ids"]
         score = lambda: (actors.learners.call_one(0, "completion_logprobs", records[0], batch.prompt_token_ids[0],  # noqa: E731
@@ -152,16 +153,16 @@ def test_colocated_run_shares_one_bundle_and_syncs_exactly(tiny_model_dir, tmp_p
         assert worker_before == pytest.approx(learner_before, abs=1e-4)
 
         batch.total_rewards = [float(i % 2) for i in range(batch.num_samples)]
-        stats = driver.train(actors, batch, records[:4])  # asks the engines to sleep first: a no-op on CPU
+        stats = actors.train(batch, records[:4])  # asks the engines to sleep first: a no-op on CPU
         assert stats["grad_norm"] > 0 and stats["loss"] == stats["loss"]
-        driver.sync_weights(actors, version=1)
+        actors.sync(version=1)
         learner_after, worker_after = score()
         assert worker_after == pytest.approx(learner_after, abs=1e-4)
         assert max(abs(a - b) for a, b in zip(worker_after, worker_before)) > 1e-3
-        assert driver.generate(actors, records[4:8], seed=2).weight_version == 1
+        assert actors.generate(records[4:8], seed=2).weight_version == 1
         assert actors.workers.call("sleep", doing="asking") == [False]  # vLLM-CPU has no sleep mode
     finally:
-        driver.stop_actors(actors)
+        actors.stop()
 
 
 @pytest.mark.slow
@@ -205,7 +206,8 @@ def test_a_join_that_does_not_finish_names_who(ray_session, caplog):
     the error at the deadline."""
     import ray
 
-    from launcher import cluster, driver
+    from launcher import cluster
+    from launcher.controller import wait_naming_the_late
 
     @ray.remote(num_cpus=0)
     class Joiner:
@@ -221,7 +223,7 @@ def test_a_join_that_does_not_finish_names_who(ray_session, caplog):
     cluster.wait_started([learners, workers])  # as the driver does: the clock starts once all are up
     calls = learners.submit("init_weight_sync") + workers.submit("init_weight_sync")
     with pytest.raises(ActorTimeoutError) as err:
-        driver.wait_naming_the_late(calls, "joining the weight-sync group", timeout_s=5)
+        wait_naming_the_late(calls, "joining the weight-sync group", timeout_s=5)
     assert str(err.value) == "rollout worker 1, rollout worker 3 did not finish joining the weight-sync group within 5 s"
     assert (err.value.kind, err.value.index) == ("rollout worker", 1)
     beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still joining")]
@@ -241,8 +243,8 @@ def test_a_failed_weight_push_is_blamed_on_the_side_that_failed(ray_session, mon
     is named."""
     import ray
 
-    from launcher import driver
     from launcher.actor_group import ActorCallError
+    from launcher.controller import Controller
 
     @ray.remote(num_cpus=0, max_concurrency=1)
     class End:
@@ -271,33 +273,33 @@ def test_a_failed_weight_push_is_blamed_on_the_side_that_failed(ray_session, mon
             ray.kill(actors.workers.actors[i])
             actors.workers.actors[i] = End.remote("ok")
 
-    monkeypatch.setattr(driver, "replace_workers", replace)
+    monkeypatch.setattr(Controller, "replace_workers", replace)
 
     def actors(learner, *workers):
-        return driver.Actors(cfg=None, model_path="", learners=ActorGroup("learner rank", [learner]),
+        return Controller(cfg=None, model_path="", learners=ActorGroup("learner rank", [learner]),
                              workers=ActorGroup("rollout worker", list(workers)), placement=None, worker_pids=[],
                              learner_port=0)
 
     own = actors(End.remote("raise"), End.remote("ok"), End.remote("ok"))
     with pytest.raises(ActorCallError, match=r"^learner rank 0 failed while syncing weights \(version 1\): "
                                              r"ConnectionError: send failed"):
-        driver.sync_with_recovery(own, 1, timeout=60)
+        own._sync_with_recovery(1, timeout=60)
     assert replaced == []
 
     dead = actors(End.remote("raise", "ok"), End.remote("ok"), End.remote("ok"))
     ray.kill(dead.workers.actors[1])
-    driver.sync_with_recovery(dead, 2, timeout=60)
+    dead._sync_with_recovery(2, timeout=60)
     assert replaced == [[1]] and dead.version == 2
 
     # A receiver that raised (its engine process died under it) explains the sender's error as well.
     engine_gone = actors(End.remote("raise", "ok"), End.remote("raise", "ok"), End.remote("ok"))
-    driver.sync_with_recovery(engine_gone, 3, timeout=60)
+    engine_gone._sync_with_recovery(3, timeout=60)
     assert replaced == [[1], [0]] and engine_gone.version == 3
 
     stuck = actors(End.remote("hang"), End.remote("ok"), End.remote("hang"))
     with pytest.raises(ActorTimeoutError, match=r"^learner rank 0 did not finish syncing weights \(version 4\) "
                                                 r"within 3 s"):
-        driver.sync_with_recovery(stuck, 4, timeout=3)
+        stuck._sync_with_recovery(4, timeout=3)
     assert replaced == [[1], [0], [1]]
     for a in [own, dead, engine_gone, stuck]:
         for actor in a.learners.actors + a.workers.actors:

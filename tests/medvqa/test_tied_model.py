@@ -12,19 +12,16 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from cluster_utils import driver_actors
+from cluster_utils import started_controller
 from safetensors.torch import load_file
-from test_weight_sync import hf_completion_logprobs
+from logprob_checks import FIXED_COMPLETION, SYNC_ATOL, hf_completion_logprobs
 
-from launcher import driver
 from launcher.config import load_config
 from protocol.weight_update import WeightUpdateMeta
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 G = 4
-SYNC_ATOL = 1e-4  # learner vs vLLM log-probs of the same float32 weights (as in test_e2e)
-FIXED_COMPLETION = "<think>the bright spot is on one side</think><answer>A</answer>"
 EMBEDDING = "model.embed_tokens.weight"  # the checkpoint name of the tied tensor
 
 
@@ -45,7 +42,7 @@ def setup(tied_model_dir, tmp_path_factory):
         "learner.zero3_persistence_threshold=0",  # the embedding is split over the ranks, as at 2B
         "rollout.num_workers=1", "rollout.prompts_per_step=2", f"rollout.group_size={G}", "rollout.max_new_tokens=12",
         "cluster.cpus_per_actor=0.5", "data.num_eval_per_modality=4"])
-    with driver_actors(cfg, tied_model_dir) as (records, actors):
+    with started_controller(cfg, tied_model_dir) as (records, actors):
         yield cfg, records, actors
 
 
@@ -84,11 +81,11 @@ def test_the_tied_tensor_travels_once_and_the_engines_head_follows_it(setup, tie
     previous = _learner_and_engine(actors, records[0], prompt_ids, fixed)[1]
     for step in range(2):
         picked = records[2 * step:2 * step + 2]
-        batch = driver.generate(actors, picked, seed=7 + step)
+        batch = actors.generate(picked, seed=7 + step)
         batch.total_rewards = [float((i + i // G) % 3) for i in range(batch.num_samples)]  # every group has signal
-        assert driver.train(actors, batch, picked)["grad_norm"] > 0
+        assert actors.train(batch, picked)["grad_norm"] > 0
         version += 1
-        sent_bytes = driver.sync_weights(actors, version)
+        sent_bytes = actors.sync(version)
         learner, engine = _learner_and_engine(actors, records[0], prompt_ids, fixed)
         assert engine == pytest.approx(learner, abs=SYNC_ATOL), max(abs(a - b) for a, b in zip(engine, learner))
         assert max(abs(a - b) for a, b in zip(engine, previous)) > 1e-3  # the engine really changed
@@ -118,11 +115,11 @@ def test_final_holds_the_tied_tensor_once_and_loads_tied_in_transformers_and_vll
     from rollout_workers.worker import RolloutWorker
 
     cfg, records, actors = setup
-    batch = driver.generate(actors, records[4:6], seed=3)
+    batch = actors.generate(records[4:6], seed=3)
     batch.total_rewards = [float(i % 3) for i in range(batch.num_samples)]
-    driver.train(actors, batch, records[4:6])
+    actors.train(batch, records[4:6])
     out = tmp_path / "final"
-    driver.save_policy(actors, out)  # straight after a step: every parameter split over the ranks
+    actors.save(out)  # straight after a step: every parameter split over the ranks
 
     saved, start = (load_file(str(Path(d) / "model.safetensors")) for d in (out, tied_model_dir))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
