@@ -54,6 +54,18 @@ def warmed_model(tiny_model_dir, tmp_path_factory):
     return warmup_format(tiny_model_dir, str(tmp_path_factory.mktemp("warmed")), records, 60, 1e-2, 0, 3136, 3136)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_stopped_after_the_module():
+    """A module that ran training in this process (`run_training` connects Ray and leaves it connected, as a
+    library call should) does not hand its Ray session to the next module, which starts its own."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_wandb_service():
     """A run logged to W&B inside this process leaves WANDB_SERVICE set, pointing at this process's wandb-core;
