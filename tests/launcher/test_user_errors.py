@@ -196,3 +196,25 @@ def test_reset_puts_back_the_previous_handlers():
     assert signal.getsignal(signal.SIGTERM) is not before[0]
     stops.SIGNALS.reset()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_stopping_run_replaces_no_rollout_worker(stopping):
+    """The controller acts on the stop requests it was handed: with one requested (a scancel stops the Ray
+    nodes too) a failed worker's error is raised as it is, and no replacement is counted or started;
+    otherwise the replacement budget applies (0 here: exhausted at once)."""
+    from launcher.actor_group import ActorDiedError, ActorGroup
+    from launcher.config import load_config
+    from launcher.controller import Controller, WorkerRestartsExhausted
+
+    signals = stops.StopSignals()
+    if stopping:
+        signals.request("SIGTERM")
+    cfg = load_config("configs/tiny_cpu.yaml", ["cluster.max_worker_restarts=0"])
+    controller = Controller(cfg, "", ActorGroup("learner rank", []), ActorGroup("rollout worker", []), None, [], 0,
+                            signals=signals)
+    failure = ActorDiedError("rollout worker 0 died while generating", "rollout worker", 0)
+    with pytest.raises(ActorDiedError if stopping else WorkerRestartsExhausted) as err:
+        controller.replace_workers({0: failure})
+    assert (err.value is failure) == stopping
+    assert controller.restarts == (0 if stopping else 1)
