@@ -217,17 +217,54 @@ def _check_resources_suffice(bundles: list[dict], what: str) -> None:
                                f"Ray cluster has {largest_node.get(resource, 0):g}; {hint}")
 
 
+# Group ports are drawn below the node's ephemeral range (the ports the kernel hands out for port 0 and for
+# every outgoing connection, Ray's own included): a port drawn there can be taken by anyone's connection in
+# the seconds before rank 0 listens on it (EADDRINUSE), one drawn below it only by another listener.
+LOWEST_GROUP_PORT = 20000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(count: int, tries: int = 200) -> list[int]:
+    """`count` distinct ports free on this node now, below its ephemeral range when there is room, else
+    from the kernel (port 0)."""
+    import random
+
+    low = ephemeral_range()[0]
+    pick = random.Random(os.urandom(8))
+    ports, socks = [], []
+    try:
+        for _ in range(tries if low - LOWEST_GROUP_PORT > 1000 else 0):
+            if len(ports) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("", pick.randrange(LOWEST_GROUP_PORT, low)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
 @ray.remote(num_cpus=0)
 def _address_and_free_ports(count: int) -> tuple[str, list[int]]:
-    ports, socks = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ray.util.get_node_ip_address(), ports
+    return ray.util.get_node_ip_address(), free_ports(count)
 
 
 def rendezvous(placement: Placement, bundle: int, count: int) -> tuple[str, list[int]]:

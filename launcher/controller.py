@@ -106,9 +106,10 @@ class Controller:
               signals: StopSignals = stops.SIGNALS) -> "Controller":
         """Every actor of the run started from `model_path`, and the weight-sync group formed."""
         placement = cluster.place(cfg)
-        # Both groups' rank 0 live on the learner's first bundle; one call gives two distinct ports.
+        # Both groups' rank 0 live on the learner's first bundle. The weight-sync port is drawn when the group is
+        # formed, after every actor started: a port drawn now could be taken by then.
         addr, drawn = cluster.rendezvous(placement, placement.learner_bundles[0], 2)
-        learner_port, sync_port = cluster.group_ports(cfg, drawn)
+        learner_port, _ = cluster.group_ports(cfg, drawn)
         if cfg.cluster.colocate:
             learners, workers = cluster.start_colocated(cfg, placement, model_path, addr, learner_port)
         else:
@@ -120,7 +121,7 @@ class Controller:
         pids = workers.call("process_ids", doing="starting")
         ctl = cls(cfg, model_path, learners, workers, placement, pids, learner_port,
                   learner_pids=learners.call("process_ids", doing="starting"), faults_dir=faults_dir, signals=signals)
-        ctl._join_weight_sync(addr, sync_port)
+        ctl._join_weight_sync()
         return ctl
 
     # ---- generation -------------------------------------------------------------------------------
@@ -206,13 +207,12 @@ class Controller:
         self._sync_with_recovery(version, timeout)
         return WeightUpdateMeta.from_dict(self.update_meta).total_bytes
 
-    def _join_weight_sync(self, addr: Optional[str] = None, port: Optional[int] = None) -> None:
-        """(Re-)form the weight-sync group: learner rank 0 (every rank, for ipc) and every process of every
-        rollout engine."""
+    def _join_weight_sync(self) -> None:
+        """(Re-)form the weight-sync group on a port drawn now: learner rank 0 (every rank, for ipc) and every
+        process of every rollout engine."""
         cfg = self.cfg
-        if port is None:
-            addr, ports = cluster.rendezvous(self.placement, self.placement.learner_bundles[0], 2)
-            port = next(p for p in ports if p != self.learner_port)
+        addr, ports = cluster.rendezvous(self.placement, self.placement.learner_bundles[0], 2)
+        port = next(p for p in ports if p != self.learner_port)
         tp = cfg.rollout.tensor_parallel_size
         world = 1 + len(self.workers) * tp
         backend = resolve_backend(cfg.cluster.sync_backend, cfg.cluster.device, cfg.cluster.colocate)

@@ -48,18 +48,11 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct TCP ports that were free a moment ago (bound together so none repeats)."""
-    socks, ports = [], []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    """Distinct TCP ports that were free a moment ago, drawn as the launcher draws its groups' ports (below the
+    ephemeral range, where no outgoing connection takes one meanwhile)."""
+    from launcher.cluster import free_ports as draw
+
+    return draw(count)
 
 
 def _node_port_flags(ports: list[int]) -> list[str]:

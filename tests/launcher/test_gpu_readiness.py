@@ -167,6 +167,21 @@ def test_learner_and_sync_ports_never_collide(master_port, drawn, expected):
         cluster.group_ports(cfg, [40001, 40001])
 
 
+def test_group_ports_are_drawn_free_and_below_the_ephemeral_range(monkeypatch):
+    """Ports the kernel hands to outgoing connections are not drawn (one could be taken before rank 0 listens);
+    without room below that range the kernel's own free ports are used."""
+    import socket
+
+    low = cluster.ephemeral_range()[0]
+    ports = cluster.free_ports(8)
+    assert len(set(ports)) == 8 and all(cluster.LOWEST_GROUP_PORT <= p < low for p in ports), (ports, low)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("", p))  # still free
+    monkeypatch.setattr(cluster, "ephemeral_range", lambda: (cluster.LOWEST_GROUP_PORT + 10, 60999))
+    assert len(set(cluster.free_ports(3))) == 3
+
+
 # ---- defaults and warnings that only a GPU run meets --------------------------------------------------
 
 @pytest.mark.parametrize("overrides,share", [([], 0.9), (["cluster.colocate=true"], 0.4),
