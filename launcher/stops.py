@@ -3,15 +3,15 @@ SIGUSR1 (Slurm's warning before the time limit).
 
 During start-up (building the model, the format warm-up, starting engines) there is nothing to save, so
 `medvlm-r1 train` installs the handlers in immediate mode: the first signal stops the command at once. Once
-the loop can checkpoint, `defer()` switches to recording the request only: the loop stops at the next step
+the loop can checkpoint, `StopSignals.defer` switches to recording the request only: the loop stops at the next step
 boundary, after it saved a checkpoint, by raising `StopRequested`. A second SIGINT or SIGTERM stops at once.
 
 The immediate stop raises KeyboardInterrupt because it is the one exception that comes out of a
 blocking `ray.get`/`ray.wait` unchanged: any other exception raised by a signal handler there
 turns into a SystemError or a SystemExit(1). The command line reads the signal's exit code from
-`last_signal()`.
+`StopSignals.last_signal`.
 
-While the command cleans up (stopping Ray and its engines), `shield()` keeps one further signal from
+While the command cleans up (stopping Ray and its engines), `StopSignals.shield` keeps one further signal from
 cutting the clean-up short: a scancel both signals the driver and makes the batch script forward a
 SIGTERM, and an interrupted `ray.shutdown` leaves Ray's exit handler seconds of work past Slurm's KillWait.
 One more signal after that still stops at once.
