@@ -53,6 +53,14 @@ def learner_timeout(cfg: Config, samples_per_rank: int = 0) -> float:
     return 1800.0 + 0.05 * samples_per_rank * cfg.rollout.max_new_tokens * cfg.learner.mu
 
 
+def both_sides_timeout(cfg: Config) -> float:
+    """The deadline of a call that holds a learner rank and the rollout workers together (the weight push,
+    joining the sync group): each waits for the other, so the smaller of the two sides' deadlines (a
+    configured learner.timeout_s bounds every call to a rank, the push included)."""
+    base = rollout_timeout(cfg, 0)
+    return min(base, learner_timeout(cfg)) if cfg.learner.timeout_s > 0 else base
+
+
 def wait_naming_the_late(calls: Calls, doing: str, timeout_s: float) -> list:
     """`calls.wait`, except that a timeout names every actor that had not finished, not only the first."""
     try:
@@ -203,7 +211,8 @@ class Controller:
         if self.update_meta is None:  # fixed for a model: asked for once per run
             self.update_meta = self.learners.call_one(0, "weight_update_meta", doing="describing the weights",
                                                       timeout_s=learner_timeout(self.cfg))
-        timeout = rollout_timeout(self.cfg, 0) + (rollout_timeout(self.cfg, queued_prompts) if queued_prompts else 0)
+        queued = rollout_timeout(self.cfg, queued_prompts) if queued_prompts else 0
+        timeout = both_sides_timeout(self.cfg) + queued
         self._sync_with_recovery(version, timeout)
         return WeightUpdateMeta.from_dict(self.update_meta).total_bytes
 
@@ -221,7 +230,7 @@ class Controller:
         joins += self.workers.submit_each("init_weight_sync",
                                           [(addr, port, 1 + i * tp, world, backend) for i in range(len(self.workers))])
         wait_naming_the_late(joins, f"joining the {backend} weight-sync group at {addr}:{port}",
-                             min(JOIN_TIMEOUT_S, rollout_timeout(cfg, 0)))
+                             min(JOIN_TIMEOUT_S, both_sides_timeout(cfg)))
 
     # ---- saved state ---------------------------------------------------------------------------------
 

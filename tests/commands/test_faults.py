@@ -125,13 +125,19 @@ def test_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
 def test_stuck_learner_rank_is_named_with_its_stack_and_nothing_is_left(tmp_path):
     """A learner rank that stops answering (SIGSTOP: as a rank blocked in a collective or on I/O looks
     from outside) is caught by learner.timeout_s: the run ends with exit 1 and one line naming the rank
-    and what it was doing, the rank's Python stacks are in <run>/faults/, and no process is left."""
+    and what it was doing, the rank's Python stacks are in <run>/faults/, and no process is left.
+
+    Where the signal lands decides how long that takes. In training: one deadline. In the weight push, where
+    the rank and the rollout workers wait for each other: the push's deadline (learner.timeout_s bounds it
+    too), the receivers replaced once, and their re-join, again bounded by learner.timeout_s, names the rank
+    (with the fresh workers that waited for it)."""
     run_dir = tmp_path / "run"
     proc, err, took, left = _signal_after_step(run_dir, 3, "ray::LearnerRank", signal.SIGSTOP,
                                                "train.checkpoint_every=2", "learner.timeout_s=60")
     assert proc.returncode == 1, err[-3000:]
     last = [line for line in err.splitlines() if line.startswith("medvlm-r1:")]
-    assert len(last) == 1 and "learner rank 0 did not finish" in last[0] and "within 60 s" in last[0], err[-3000:]
+    assert len(last) == 1 and re.search(r"learner rank 0(, rollout worker \d+)* did not finish .* within 60 s", last[0]), \
+        err[-3000:]
     assert f"logging.run_dir={run_dir}" in last[0] and "resume from" in last[0], last[0]
     stacks = sorted((run_dir / "faults").glob("learner-rank-0-*.txt"))
     assert len(stacks) == 1, f"{list((run_dir / 'faults').iterdir()) if (run_dir / 'faults').exists() else 'no faults/'}"
@@ -141,7 +147,7 @@ def test_stuck_learner_rank_is_named_with_its_stack_and_nothing_is_left(tmp_path
     assert re.search(r"^Process \d+: ray::LearnerRank", text, re.M) and '"MainThread"' in text, text[-3000:]
     assert re.search(r"^\s+(LearnerRank\.(train_on|save_state|push_weights) \(learner/actor\.py|Worker\.main_loop "
                      r"\(ray/)", text, re.M), text[-3000:]
-    assert took < 120, f"the run took {took:.0f} s to stop after the rank was stopped"
+    assert took < 240, f"the run took {took:.0f} s to stop after the rank was stopped"
     assert left == []
     print(f"stuck learner rank: run stopped {took:.1f} s after SIGSTOP; {stacks[0].name}:\n{text[:1500]}")
 
