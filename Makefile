@@ -57,7 +57,8 @@ lint: setup
 
 # Two test files at a time (pytest-xdist, whole files per worker so module fixtures are built once): the slow
 # tests spend much of their time waiting (process and engine start-up, deadlines that must pass, Slurm polls), and
-# a second test fills that time. On 2 quiet cores: 25 min 46 s one at a time, 15 min 16 s two at a time.
+# a second test fills that time. On 2 quiet cores, from a clean clone: 25 min 46 s one at a time, 16 min 39 s and
+# 17 min 11 s two at a time.
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
