@@ -60,10 +60,10 @@ class SFTTrainer(Trainer):
         return learner_view(cfg, steps)
 
     def train_step(self) -> dict:
-        cfg, controller = self.cfg, self.controller
+        cfg = self.cfg
         t0 = time.perf_counter()
         records = self.sampler.draw(cfg.sft.batch_size)
-        stats = controller.train_sft(records, cfg.sft.target)
+        stats = self.controller.train_sft(records, cfg.sft.target)
         elapsed = time.perf_counter() - t0
         s = stats[0]  # every rank returns the step's numbers over all ranks
         return {"step": self.step, "epoch": self.sampler.epoch + self.sampler.position / len(self.sampler.records),
